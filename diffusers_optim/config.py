@@ -1,0 +1,203 @@
+"""One typed config for a training run: defaults < --config file < command-line flags.
+
+Flag names follow diffusers' `examples/unconditional_image_generation/train_unconditional.py`
+wherever that script has one, so its users feel at home.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from diffusers_optim.errors import UserError
+
+REPORT_TO = ("wandb", "tensorboard", "all", "none")
+SECRET_FIELDS = ("hub_token",)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of one training run. The docstring under each field is its --help text."""
+
+    # ---- data -------------------------------------------------------------------------------
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub data set name or a local saved data set (datasets.load_from_disk / load_dataset). Default: the built-in 'digits'."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Config name of the hub data set."})
+    train_data_dir: str | None = field(default=None, metadata={"help": "A folder of images (any depth). Overrides --dataset_name."})
+    image_column: str = field(default="image", metadata={"help": "Column holding the images in a datasets data set."})
+    resolution: int = field(default=16, metadata={"help": "Images are resized to this square size."})
+    center_crop: bool = field(default=False, metadata={"help": "Center-crop instead of random-crop to --resolution."})
+    random_flip: bool = field(default=False, metadata={"help": "Randomly flip images horizontally."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
+    num_validation_images: int = field(default=64, metadata={"help": "Images held out for validation (frozen noise and timesteps)."})
+    skip_bad_images: bool = field(default=False, metadata={"help": "Skip and count corrupt images instead of failing."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Cache directory for hub data sets."})
+
+    # ---- model and diffusion ---------------------------------------------------------------
+    model_preset: str = field(default="tiny", metadata={"help": "UNet2DModel size: tiny (CPU, tests), small, ddpm-cifar10, ddpm-256."})
+    model_config_name_or_path: str | None = field(default=None, metadata={"help": "A UNet2DModel config (folder or JSON file); overrides --model_preset."})
+    ddpm_num_steps: int = field(default=1000, metadata={"help": "Diffusion timesteps of the DDPMScheduler."})
+    ddpm_beta_schedule: str = field(default="linear", metadata={"help": "linear, scaled_linear or squaredcos_cap_v2."})
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = field(default="epsilon", metadata={"help": "What the UNet predicts."})
+    snr_gamma: float | None = field(default=None, metadata={"help": "Min-SNR loss weighting gamma (5.0 is the paper's choice). Off by default."})
+
+    # ---- optimizer ----------------------------------------------------------------------------
+    optimizer: str = field(default="adamw", metadata={"help": "Optimizer name from the registry (`diffusers-optim optimizers` lists them)."})
+    optimizer_args: str | None = field(default=None, metadata={"help": "Extra optimizer hyperparameters, 'k=v,k2=v2'."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (a multiplier for Prodigy-style optimizers)."})
+    adam_beta1: float | None = field(default=None, metadata={"help": "beta1 (momentum); default: the optimizer's own."})
+    adam_beta2: float | None = field(default=None, metadata={"help": "beta2; default: the optimizer's own."})
+    adam_weight_decay: float | None = field(default=None, metadata={"help": "Weight decay (never on biases and norm weights); default: the optimizer's own."})
+    adam_epsilon: float | None = field(default=None, metadata={"help": "eps; default: the optimizer's own."})
+    momentum: float | None = field(default=None, metadata={"help": "Momentum for SGD/RMSProp-style optimizers; default: the optimizer's own."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this; 0 turns clipping off."})
+    lr_scheduler: str = field(default="cosine", metadata={"help": "constant, linear, cosine (+ warmup), or any diffusers get_scheduler name."})
+    lr_warmup_steps: int = field(default=50, metadata={"help": "Linear warmup steps."})
+    lr_num_cycles: float = field(default=0.5, metadata={"help": "Cosine cycles (0.5 = decay to zero once)."})
+
+    # ---- loop ----------------------------------------------------------------------------------
+    train_batch_size: int = field(default=64, metadata={"help": "Batch size per process."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    max_train_steps: int = field(default=500, metadata={"help": "Optimizer steps to train."})
+    num_epochs: int | None = field(default=None, metadata={"help": "If set, train this many epochs instead of --max_train_steps."})
+    seed: int = field(default=0, metadata={"help": "Seed for data order, noise, timesteps (the model init uses --init_seed)."})
+    init_seed: int = field(default=0, metadata={"help": "Seed of the model's initial weights; the same for every optimizer in a comparison."})
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(default=None, metadata={"help": "no, fp16 or bf16; default: the accelerate config's."})
+    use_ema: bool = field(default=False, metadata={"help": "Keep an EMA of the weights (diffusers EMAModel); samples and the saved pipeline use it."})
+    ema_inv_gamma: float = field(default=1.0, metadata={"help": "EMA warmup inv_gamma."})
+    ema_power: float = field(default=3 / 4, metadata={"help": "EMA warmup power."})
+    ema_max_decay: float = field(default=0.9999, metadata={"help": "EMA maximum decay."})
+    max_nonfinite_steps: int = field(default=10, metadata={"help": "Stop (with a checkpoint) after this many non-finite steps in a row."})
+
+    # ---- logging, validation, samples ----------------------------------------------------------
+    output_dir: str = field(default="outputs/run", metadata={"help": "Where metrics, samples, checkpoints and the pipeline go."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing into a non-empty output directory that holds another run."})
+    report_to: str = field(default="none", metadata={"help": "wandb, tensorboard, all or none (metrics.jsonl is always written)."})
+    logger: str | None = field(default=None, metadata={"help": "Alias of --report_to (diffusers' flag name)."})
+    tracker_project_name: str = field(default="diffusers-optim", metadata={"help": "W&B / TensorBoard project name."})
+    wandb_entity: str | None = field(default=None, metadata={"help": "W&B entity (team or user)."})
+    run_group: str | None = field(default=None, metadata={"help": "W&B group; all runs of one comparison share it."})
+    run_name: str | None = field(default=None, metadata={"help": "Run name; default: optimizer-lr-seed."})
+    num_timestep_buckets: int = field(default=4, metadata={"help": "Equal timestep ranges for loss_t/ and val_t/ (improved-diffusion's loss_q0..q3)."})
+    logging_steps: int = field(default=10, metadata={"help": "Reduce and log metrics every N optimizer steps."})
+    validation_steps: int = field(default=50, metadata={"help": "Validation loss every N steps (0: only at the end)."})
+    sample_steps: int = field(default=250, metadata={"help": "Sample grid every N steps (0: only at the end)."})
+    eval_steps: int = field(default=0, metadata={"help": "Sample-quality metrics every N steps (0: only at the end)."})
+    num_samples: int = field(default=16, metadata={"help": "Images in the sample grid (fixed-seed noise)."})
+    num_eval_samples: int = field(default=256, metadata={"help": "Samples drawn for the quality metrics."})
+    num_inference_steps: int = field(default=100, metadata={"help": "DDPM sampling steps."})
+    inception_weights: str | None = field(default=None, metadata={"help": "Path to FID Inception weights on disk, for FID on non-digits data."})
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    checkpointing_steps: int = field(default=0, metadata={"help": "Save a resumable checkpoint every N steps (0: off)."})
+    checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep at most this many checkpoints."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint folder, or 'latest'."})
+
+    # ---- hub -----------------------------------------------------------------------------------
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the pipeline and a model card at the end."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Repository id on the Hub (default: the output folder's name)."})
+    hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: HF_TOKEN or the saved login). Never logged."})
+    hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
+
+    def __post_init__(self) -> None:
+        if self.logger is not None and self.report_to == "none":
+            self.report_to = self.logger
+
+    def to_dict(self, redact: bool = True) -> dict[str, Any]:
+        """Plain dict of the config; secrets are redacted unless asked otherwise."""
+        data = dataclasses.asdict(self)
+        if redact:
+            for key in SECRET_FIELDS:
+                if data.get(key):
+                    data[key] = "<redacted>"
+        return data
+
+
+def field_types(cls: type = TrainConfig) -> dict[str, Any]:
+    """Resolved type hints of the config's fields."""
+    return typing.get_type_hints(cls)
+
+
+def _base_type(tp: Any) -> Any:
+    """`int | None` -> int; Literal[...] -> str."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    if origin is Literal:
+        return type(typing.get_args(tp)[0])
+    return tp
+
+
+def coerce_value(name: str, value: Any, tp: Any) -> Any:
+    """Convert a value read from YAML/JSON (e.g. the string '1e-4') to the field's declared type."""
+    if value is None:
+        return None
+    base = _base_type(tp)
+    try:
+        if base is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if base is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        if base is int:
+            return int(float(value)) if isinstance(value, str) else int(value)
+        if base is float:
+            return float(value)
+        if base is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"config key '{name}': cannot read {value!r} as {base.__name__}") from None
+    return value
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON file of config keys, converting each value to its declared type."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise UserError(f"cannot parse config file {path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of keys to values")
+    types_ = field_types()
+    unknown = sorted(set(data) - set(types_))
+    if unknown:
+        from diffusers_optim.errors import unknown_choice
+
+        raise unknown_choice("config key", unknown[0], types_)
+    return {k: coerce_value(k, v, types_[k]) for k, v in data.items()}
+
+
+def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
+    """Parse flags (and an optional --config FILE under them) into a TrainConfig."""
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    file_values: dict[str, Any] = {}
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise UserError("--config needs a file path")
+        file_values = load_config_file(argv[i + 1])
+        del argv[i : i + 2]
+    parser = HfArgumentParser(TrainConfig)
+    parser.set_defaults(**file_values)
+    (cfg,) = parser.parse_args_into_dataclasses(args=argv)
+    return cfg
