@@ -52,7 +52,7 @@ class TrainConfig:
     # ---- optimizer ----------------------------------------------------------------------------
     optimizer: str = field(default="adamw", metadata={"help": "Optimizer name from the registry (`diffusers-optim optimizers` lists them)."})
     optimizer_args: str | None = field(default=None, metadata={"help": "Extra optimizer hyperparameters, 'k=v,k2=v2'."})
-    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (a multiplier for Prodigy-style optimizers)."})
+    learning_rate: float | None = field(default=None, metadata={"help": "Peak learning rate; default: the optimizer's own (1e-4 for AdamW, 1.0 for Prodigy, whose lr is a multiplier)."})
     adam_beta1: float | None = field(default=None, metadata={"help": "beta1 (momentum); default: the optimizer's own."})
     adam_beta2: float | None = field(default=None, metadata={"help": "beta2; default: the optimizer's own."})
     adam_weight_decay: float | None = field(default=None, metadata={"help": "Weight decay (never on biases and norm weights); default: the optimizer's own."})
