@@ -1,0 +1,81 @@
+"""Deterministic data order and noise, and image generation with the diffusers DDPMPipeline."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def step_seed(seed: int, step: int, micro: int) -> int:
+    """A distinct, reproducible seed for each (run seed, optimizer step, micro-batch)."""
+    return (seed * 1_000_003 + step) * 1_024 + micro + 1
+
+
+class BatchStream(torch.utils.data.Sampler):
+    """Infinite batch sampler: global micro-batch slots of `batch_size` indices from a per-epoch permutation.
+
+    Slot k of the stream belongs to process k % num_processes, so P processes at batch B read exactly the
+    images that one process at batch P*B reads, and the stream can start at any micro-batch (resume).
+    """
+
+    def __init__(self, num_items: int, batch_size: int, num_processes: int, rank: int, seed: int, start: int = 0):
+        if num_items < batch_size:
+            from diffusers_optim.errors import UserError
+
+            raise UserError(f"the training set has {num_items} images, fewer than --train_batch_size {batch_size}")
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.num_processes, self.rank, self.start = num_processes, rank, start
+        self.slots_per_epoch = num_items // batch_size  # drop the last partial batch of each epoch
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.num_items, generator=g)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        micro = self.start
+        epoch, order = -1, None
+        while True:
+            slot = micro * self.num_processes + self.rank
+            if slot // self.slots_per_epoch != epoch:
+                epoch = slot // self.slots_per_epoch
+                order = self.epoch_order(epoch)
+            j = slot % self.slots_per_epoch
+            yield order[j * self.batch_size:(j + 1) * self.batch_size].tolist()
+            micro += 1
+
+
+@torch.no_grad()
+def generate_images(unet, noise_scheduler, num_images: int, seed: int, num_inference_steps: int,
+                    accelerator=None, batch_size: int = 256) -> torch.Tensor:
+    """`num_images` DDPM samples from fixed-seed noise, as a float tensor (N, C, H, W) in [-1, 1] on the CPU."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(noise_scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    autocast = accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False)
+    chunks = []
+    with autocast:
+        for start in range(0, num_images, batch_size):
+            n = min(batch_size, num_images - start)
+            out = pipe(batch_size=n, generator=generator, num_inference_steps=num_inference_steps,
+                       output_type="np").images
+            chunks.append(torch.from_numpy(np.ascontiguousarray(out)).permute(0, 3, 1, 2).float() * 2 - 1)
+    return torch.cat(chunks)
+
+
+def images_to_grid(images: torch.Tensor, upscale: int = 4) -> Image.Image:
+    """A near-square grid of images in [-1, 1], upscaled (nearest) so small samples stay visible."""
+    from diffusers.utils import make_image_grid
+
+    arrays = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    pil = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
+    size = images.shape[-1] * upscale
+    pil = [im.resize((size, size), Image.NEAREST) for im in pil]
+    cols = int(np.ceil(np.sqrt(len(pil))))
+    rows = int(np.ceil(len(pil) / cols))
+    pil += [Image.new(pil[0].mode, pil[0].size)] * (rows * cols - len(pil))
+    return make_image_grid(pil, rows=rows, cols=cols)

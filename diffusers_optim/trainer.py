@@ -1,0 +1,609 @@
+"""The training loop. It wires `build_*` helpers and orchestrates; the maths lives in diffusion.py and metrics/.
+
+One "step" is one optimizer step, whatever the process count or gradient accumulation. Data order, noise and
+timesteps are pure functions of (seed, step, micro-batch), so every optimizer sees exactly the same batches, a
+resumed run continues bit-for-bit, and N processes at batch B see what one process sees at batch N*B.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+from diffusers_optim import checkpoint as ckpt
+from diffusers_optim.config import TrainConfig, parse_train_args
+from diffusers_optim.data import build_datasets
+from diffusers_optim.diffusion import (
+    min_snr_weights,
+    per_sample_mse,
+    stratified_timesteps,
+    training_target,
+)
+from diffusers_optim.errors import UserError
+from diffusers_optim.metrics.buckets import BucketMeter, bucket_keys, bucket_means
+from diffusers_optim.models import build_noise_scheduler, build_unet, load_unet_config, check_resolution
+from diffusers_optim.optim import create_optimizer, get_spec, optimizer_state_bytes, parse_optimizer_args
+from diffusers_optim.optim import resolved_hparams
+from diffusers_optim.sampling import BatchStream, generate_images, images_to_grid, step_seed
+from diffusers_optim.schedules import build_lr_scheduler
+from diffusers_optim.tracking import MetricsLog, check_writable, init_trackers, resolve_trackers
+
+logger = get_logger(__name__)
+
+VALIDATION_SEED = 1234  # frozen validation noise/timesteps: the same for every run, so curves differ only by optimizer
+SAMPLE_SEED = 4321  # fixed sampling noise for the grid and the quality metrics
+RUN_ARTIFACTS = ("metrics.jsonl", "run_summary.json", "checkpoints", "model_index.json")
+
+
+class TrainingStopped(RuntimeError):
+    """Raised when the run cannot go on (too many non-finite steps); a checkpoint has been saved."""
+
+
+class Trainer:
+    """Trains one UNet2DModel with one registered optimizer and logs everything an optimizer study needs."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.trackers = resolve_trackers(cfg.report_to)
+        self.accelerator = build_accelerator(cfg)
+        self.spec = get_spec(cfg.optimizer)
+        self.channels = 1 if _is_digits(cfg) else 3
+        check_resolution(load_unet_config(cfg.model_preset, cfg.model_config_name_or_path), cfg.resolution)
+        self.hparams = build_hparams(cfg, self.spec)
+        self.resume_path = check_output_dir(cfg, self.out)
+        self.data = build_datasets(cfg, self.channels)
+        self.repo_id = check_hub(cfg)
+        self.model = build_unet(cfg.model_preset, cfg.resolution, self.channels, cfg.init_seed,
+                                cfg.model_config_name_or_path)
+        self.noise_scheduler = build_noise_scheduler(cfg.ddpm_num_steps, cfg.ddpm_beta_schedule, cfg.prediction_type)
+        self.optimizer = create_optimizer(self.model, self.spec.name, **self.hparams)
+        self.max_steps = num_train_steps(cfg, len(self.data.train), self.accelerator.num_processes)
+        self.lr_scheduler = build_lr_scheduler(cfg.lr_scheduler, self.optimizer, cfg.lr_warmup_steps,
+                                               self.max_steps, cfg.lr_num_cycles)
+        self.ema = build_ema(cfg, self.model)
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        # The LR schedule is stepped by hand once per optimizer step (prepare() would step it once per process).
+        self.accelerator.register_for_checkpointing(self.lr_scheduler)
+        if self.ema is not None:
+            self.ema.to(self.accelerator.device)
+            self.accelerator.register_for_checkpointing(self.ema)
+        self.meter = BucketMeter(cfg.num_timestep_buckets, cfg.ddpm_num_steps, self.accelerator.device)
+        self.metrics = MetricsLog(self.accelerator, self.out, self.trackers)
+        self.quality = build_quality(cfg, self.data)
+        self.run_name = cfg.run_name or f"{self.spec.name}-lr{self.hparams['lr']:g}-s{cfg.seed}"
+        self.step = 0
+        self.nonfinite_total = 0
+        self.nonfinite_streak = 0
+        self.elapsed_before = 0.0
+        self._reset_interval()
+
+    # ---- the loop ------------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        """Run to max_train_steps (resuming if asked) and save the pipeline; returns the run summary."""
+        self.start()
+        batches = iter(self.build_loader())
+        bar = tqdm(total=self.max_steps, initial=self.step, desc=self.run_name, dynamic_ncols=True,
+                   disable=not self.accelerator.is_local_main_process)
+        self.t_start = time.perf_counter()
+        with stop_on_signals():
+            try:
+                while self.step < self.max_steps:
+                    self.train_step(batches)
+                    self.step += 1
+                    bar.update(1)
+                    self.after_step(bar)
+            except (KeyboardInterrupt, TrainingStopped):
+                self.save_checkpoint()
+                raise
+        bar.close()
+        return self.finish()
+
+    def train_step(self, batches) -> None:
+        """One optimizer step: gradient_accumulation_steps micro-batches, clip, step (unless non-finite)."""
+        is_log_step = self._is_due(self.cfg.logging_steps)
+        for micro in range(self.cfg.gradient_accumulation_steps):
+            with self.accelerator.accumulate(self.model):
+                self.forward_backward(next(batches), micro)
+        grad_norm = self.clip_gradients()
+        before = self._snapshot_params() if is_log_step else None
+        self.optimizer_step(grad_norm)
+        if before is not None:
+            self.interval["update_ratio"] = self._update_ratio(before)
+
+    def forward_backward(self, clean: torch.Tensor, micro: int) -> None:
+        """Noise a micro-batch, predict, and backpropagate the (optionally Min-SNR weighted) per-sample MSE."""
+        clean = clean.to(self.accelerator.device, non_blocking=True)
+        noise, timesteps = self.micro_batch_noise(clean, micro)
+        noisy = self.noise_scheduler.add_noise(clean, noise, timesteps)
+        pred = self.model(noisy, timesteps).sample
+        mse = per_sample_mse(pred, training_target(self.noise_scheduler, clean, noise, timesteps))
+        weights = min_snr_weights(self.noise_scheduler, timesteps, self.cfg.snr_gamma) if self.cfg.snr_gamma else None
+        loss = (mse * weights).mean() if weights is not None else mse.mean()
+        self.accelerator.backward(loss)
+        self.meter.update(mse, timesteps)
+        self.interval["loss_sum"] += loss.detach().float() * mse.numel()
+        self.interval["loss_count"] += mse.numel()
+
+    def micro_batch_noise(self, clean: torch.Tensor, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise and timesteps drawn for the GLOBAL micro-batch from (seed, step, micro); this rank takes its slice."""
+        world, rank, b = self.accelerator.num_processes, self.accelerator.process_index, clean.shape[0]
+        g = torch.Generator(device="cpu").manual_seed(step_seed(self.cfg.seed, self.step, micro))
+        noise = torch.randn((world * b, *clean.shape[1:]), generator=g)[rank * b:(rank + 1) * b]
+        t = torch.randint(0, self.cfg.ddpm_num_steps, (world * b,), generator=g)[rank * b:(rank + 1) * b]
+        return noise.to(clean.device, clean.dtype), t.to(clean.device)
+
+    def clip_gradients(self) -> torch.Tensor:
+        """Global gradient norm before clipping (clipping only when gradients are synchronized)."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.cfg.max_grad_norm > 0 and self.accelerator.sync_gradients:
+            norm = self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        else:
+            if self.accelerator.scaler is not None:
+                self.accelerator.unscale_gradients()
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        norm = torch.as_tensor(norm, device=self.accelerator.device).float()
+        self.interval["grad_norm_sum"] += norm
+        if self.cfg.max_grad_norm > 0:
+            self.interval["clipped"] += (norm > self.cfg.max_grad_norm).float()
+        return norm
+
+    def optimizer_step(self, grad_norm: torch.Tensor) -> None:
+        """Step unless the gradients are not finite: a bad step changes no weights and no optimizer state."""
+        skipped = False
+        if self.accelerator.scaler is not None:  # fp16: the grad scaler decides and skips by itself
+            self.optimizer.step()
+            skipped = self.optimizer.step_was_skipped
+        elif torch.isfinite(grad_norm):  # note: a host sync point, the one per step we accept for safety
+            self.optimizer.step()
+        else:
+            skipped = True
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        if skipped:
+            self.nonfinite_total += 1
+            self.nonfinite_streak += 1
+        else:
+            self.nonfinite_streak = 0
+            if self.ema is not None:
+                self.ema.step(self.model.parameters())
+        if self.nonfinite_streak >= self.cfg.max_nonfinite_steps:
+            raise TrainingStopped(
+                f"{self.nonfinite_streak} non-finite steps in a row at step {self.step + 1}: the run diverged. "
+                f"A checkpoint was saved; lower --learning_rate or set --max_grad_norm and resume.")
+
+    def after_step(self, bar) -> None:
+        """Logging, validation, samples, quality metrics and checkpoints, each on its own interval."""
+        record: dict[str, Any] = {}
+        last = self.step == self.max_steps
+        log_step = self.step % self.cfg.logging_steps == 0 or last
+        if log_step:
+            record.update(self.reduce_interval())
+            bar.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['train/lr']:.2e}",
+                            img_s=f"{record['perf/images_per_sec']:.0f}")
+        if self._due(self.cfg.validation_steps) or last:
+            record.update(self.validate())
+        if self._due(self.cfg.eval_steps) or (last and self.quality is not None):
+            record.update(self.evaluate_quality())
+        if record:
+            record["elapsed_s"] = self.elapsed_before + time.perf_counter() - self.t_start
+            self.metrics.log(record, self.step)
+        if self._due(self.cfg.sample_steps) or last:
+            self.sample_grid()
+        if self._due(self.cfg.checkpointing_steps) and not last:
+            self.save_checkpoint()
+        if log_step:  # throughput counts training only, not the validation/sampling just done
+            self.t_interval_start = time.perf_counter()
+
+    # ---- metrics ---------------------------------------------------------------------------------------
+    def reduce_interval(self) -> dict[str, float]:
+        """All on-device sums of the interval, reduced across processes in ONE collective, then one host copy."""
+        steps = self.step - self.interval["first_step"]
+        local = torch.cat([
+            torch.stack([self.interval["loss_sum"], torch.as_tensor(float(self.interval["loss_count"]),
+                         device=self.accelerator.device), self.interval["grad_norm_sum"], self.interval["clipped"]]),
+            self.meter.sums.float(), self.meter.counts.float()])
+        total = self.accelerator.reduce(local, reduction="sum").tolist()  # the sync point: log steps only
+        k, world = self.cfg.num_timestep_buckets, self.accelerator.num_processes
+        sums, counts = torch.tensor(total[4:4 + k]), torch.tensor(total[4 + k:])
+        seconds = max(time.perf_counter() - self.t_interval_start, 1e-9)
+        images = steps * self.cfg.train_batch_size * self.cfg.gradient_accumulation_steps * world
+        record = {
+            "train/loss": total[0] / max(total[1], 1),
+            "train/grad_norm": total[2] / max(steps * world, 1),
+            "train/clipped_fraction": total[3] / max(steps * world, 1),
+            "train/lr": self.lr_scheduler.get_last_lr()[0],
+            "train/nonfinite_steps": self.nonfinite_total,
+            "perf/images_per_sec": images / seconds,
+            "perf/peak_memory_mb": peak_memory_mb(self.accelerator.device),
+            "optim/state_mb": optimizer_state_bytes(self.optimizer.optimizer) / 2**20,
+            **self._param_stats(),
+        }
+        means = bucket_means(sums, counts).tolist()
+        for key, mean in zip(bucket_keys(self.cfg.ddpm_num_steps, k, "loss_t"), means):
+            record[key] = mean
+        for key, count in zip(bucket_keys(self.cfg.ddpm_num_steps, k, "count_t"), counts.tolist()):
+            record[key] = int(count)
+        self._reset_interval()
+        return record
+
+    def _param_stats(self) -> dict[str, float]:
+        stats = {"train/param_norm": float(torch.nn.utils.get_total_norm(list(self.model.parameters())))}
+        if "update_ratio" in self.interval:
+            stats["train/update_ratio"] = self.interval["update_ratio"]
+        effective = self.spec.effective_lr(self.optimizer.optimizer) if self.spec.effective_lr else None
+        if effective is not None:
+            stats["train/effective_lr"] = float(effective)
+        return stats
+
+    def _snapshot_params(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.model.parameters()]
+
+    def _update_ratio(self, before: list[torch.Tensor]) -> float:
+        """||theta_new - theta_old|| / ||theta_old||: how far one step moved the weights."""
+        after = [p.detach() for p in self.model.parameters()]
+        delta = torch.nn.utils.get_total_norm([a - b for a, b in zip(after, before)])
+        return float(delta / torch.nn.utils.get_total_norm(before).clamp_min(1e-12))
+
+    def _reset_interval(self) -> None:
+        device = self.accelerator.device
+        self.interval = {"first_step": self.step, "loss_sum": torch.zeros((), device=device), "loss_count": 0,
+                         "grad_norm_sum": torch.zeros((), device=device), "clipped": torch.zeros((), device=device)}
+        self.meter.reset()
+        self.t_interval_start = time.perf_counter()
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Loss per timestep bucket on the fixed held-out images with frozen noise and timesteps."""
+        cfg, acc = self.cfg, self.accelerator
+        images, noise, timesteps = self.validation_batch()
+        shard = slice(acc.process_index, None, acc.num_processes)
+        meter = BucketMeter(cfg.num_timestep_buckets, cfg.ddpm_num_steps, acc.device)
+        with self.eval_mode():
+            unet = acc.unwrap_model(self.model)
+            for chunk in torch.arange(len(images))[shard].split(cfg.train_batch_size):
+                x, n, t = images[chunk].to(acc.device), noise[chunk].to(acc.device), timesteps[chunk].to(acc.device)
+                with acc.autocast():
+                    pred = unet(self.noise_scheduler.add_noise(x, n, t), t).sample
+                meter.update(per_sample_mse(pred, training_target(self.noise_scheduler, x, n, t)), t)
+        k = cfg.num_timestep_buckets
+        total = acc.reduce(torch.cat([meter.sums.float(), meter.counts.float()]), reduction="sum").cpu()
+        sums, counts = total[:k], total[k:]
+        record = {"val/loss": float(sums.sum() / counts.sum().clamp_min(1))}
+        record.update(zip(bucket_keys(cfg.ddpm_num_steps, k, "val_t"), bucket_means(sums, counts).tolist()))
+        return record
+
+    def validation_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Held-out images with noise and bucket-stratified timesteps frozen by VALIDATION_SEED."""
+        if not hasattr(self, "_validation"):
+            images = self.data.validation
+            g = torch.Generator().manual_seed(VALIDATION_SEED)
+            noise = torch.randn(images.shape, generator=g)
+            t = stratified_timesteps(len(images), self.cfg.ddpm_num_steps, self.cfg.num_timestep_buckets, g)
+            self._validation = (images, noise, t)
+        return self._validation
+
+    def evaluate_quality(self) -> dict[str, float]:
+        """Sample-quality metrics (eval/*) on num_eval_samples fixed-seed samples; main process only."""
+        if self.quality is None:
+            return {}
+        result: dict[str, float] = {}
+        if self.accelerator.is_main_process:
+            with self.sampling_weights() as unet:
+                samples = generate_images(unet, self.noise_scheduler, self.cfg.num_eval_samples, SAMPLE_SEED + 1,
+                                          self.cfg.num_inference_steps, self.accelerator)
+            result = self.quality.evaluate(samples)
+        self.accelerator.wait_for_everyone()
+        return result
+
+    def sample_grid(self) -> None:
+        """The fixed-seed sample grid (EMA weights when EMA is on), saved as PNG and sent to the trackers."""
+        if self.accelerator.is_main_process:
+            with self.sampling_weights() as unet:
+                samples = generate_images(unet, self.noise_scheduler, self.cfg.num_samples, SAMPLE_SEED,
+                                          self.cfg.num_inference_steps, self.accelerator)
+            grid = images_to_grid(samples)
+            path = self.out / "samples" / f"step_{self.step:06d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            grid.save(path)
+            self.metrics.log_image("samples/grid", grid, self.step, caption=f"{self.run_name} step {self.step}")
+        self.accelerator.wait_for_everyone()
+
+    # ---- modes, weights, checkpoints ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def eval_mode(self):
+        """model.eval(), and optimizer.eval() for optimizers whose spec demands it (schedule-free)."""
+        self.model.eval()
+        if self.spec.needs_train_eval:
+            self.optimizer.optimizer.eval()
+        try:
+            yield
+        finally:
+            self.model.train()
+            if self.spec.needs_train_eval:
+                self.optimizer.optimizer.train()
+
+    @contextlib.contextmanager
+    def sampling_weights(self):
+        """The unwrapped UNet in eval mode, with EMA weights swapped in when EMA is on."""
+        with self.eval_mode():
+            unet = self.accelerator.unwrap_model(self.model)
+            if self.ema is not None:
+                self.ema.store(unet.parameters())
+                self.ema.copy_to(unet.parameters())
+            try:
+                yield unet
+            finally:
+                if self.ema is not None:
+                    self.ema.restore(unet.parameters())
+
+    def save_checkpoint(self) -> None:
+        state = {"step": self.step, "nonfinite_total": self.nonfinite_total, "run_name": self.run_name,
+                 "elapsed_s": self.elapsed_before + time.perf_counter() - getattr(self, "t_start", time.perf_counter())}
+        with self.eval_mode():
+            path = ckpt.save_checkpoint(self.accelerator, self.out, self.step, state, self.cfg.checkpoints_total_limit,
+                                        model_config=dict(self.accelerator.unwrap_model(self.model).config))
+        logger.info(f"saved checkpoint {path}", main_process_only=True)
+
+    def start(self) -> None:
+        """Write the run config, start trackers, and resume from a checkpoint if asked."""
+        cfg, acc = self.cfg, self.accelerator
+        if self.resume_path is not None:
+            state = ckpt.load_checkpoint(acc, self.resume_path, dict(acc.unwrap_model(self.model).config))
+            self.step, self.nonfinite_total = state["step"], state.get("nonfinite_total", 0)
+            self.elapsed_before = state.get("elapsed_s", 0.0)
+            self.metrics.truncate_after(self.step)
+            logger.info(f"resumed from {self.resume_path} at step {self.step}", main_process_only=True)
+        elif acc.is_main_process:
+            clear_previous_run(self.out)
+        run_config = self.run_config()
+        if acc.is_main_process:
+            (self.out / "config.json").write_text(json.dumps(run_config, indent=2, default=str))
+        tags = [self.spec.name, cfg.model_preset, self.data.name, cfg.prediction_type]
+        init_trackers(acc, self.trackers, cfg.tracker_project_name, self.out, run_config, self.run_name,
+                      cfg.run_group, tags, cfg.wandb_entity)
+        self._reset_interval()
+
+    def run_config(self) -> dict[str, Any]:
+        """Everything needed to reproduce and compare the run (no secrets)."""
+        return {
+            "config": self.cfg.to_dict(),
+            "optimizer": optimizer_record(self.spec, self.hparams),
+            "run_name": self.run_name,
+            "dataset": self.data.name,
+            "num_processes": self.accelerator.num_processes,
+            "max_train_steps": self.max_steps,
+            "num_parameters": sum(p.numel() for p in self.model.parameters()),
+            "mixed_precision": self.accelerator.mixed_precision,
+            "versions": package_versions(),
+            "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
+        }
+
+    def build_loader(self) -> torch.utils.data.DataLoader:
+        """Batches of this process's share of each global micro-batch, starting at the resumed position."""
+        acc, cfg = self.accelerator, self.cfg
+        stream = BatchStream(len(self.data.train), cfg.train_batch_size, acc.num_processes, acc.process_index,
+                             cfg.seed, start=self.step * cfg.gradient_accumulation_steps)
+        return torch.utils.data.DataLoader(self.data.train, batch_sampler=stream, num_workers=cfg.dataloader_num_workers,
+                                           pin_memory=acc.device.type == "cuda")
+
+    def finish(self) -> dict[str, Any]:
+        """Save the final pipeline, write run_summary.json last, and upload if asked."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        summary: dict[str, Any] = {}
+        if acc.is_main_process:
+            with self.sampling_weights() as unet:
+                save_pipeline(unet, self.noise_scheduler, self.out)
+            summary = write_summary(self.out, self.step, self.elapsed_before + time.perf_counter() - self.t_start,
+                                    self.nonfinite_total)
+            if self.repo_id:
+                from diffusers_optim import hub
+
+                card = hub.build_model_card(self.card_info(summary))
+                url = hub.push_run(self.out, self.repo_id, card, token=self.cfg.hub_token)
+                logger.info(f"uploaded to {url}", main_process_only=True)
+        acc.wait_for_everyone()
+        acc.end_training()
+        return summary
+
+    def card_info(self, summary: dict[str, Any]) -> dict[str, Any]:
+        run = self.run_config()
+        return {"config": run["config"], "optimizer": run["optimizer"], "dataset": self.data.name,
+                "num_processes": self.accelerator.num_processes, "steps": self.step, "versions": run["versions"],
+                "metrics": {k: v for k, v in summary.get("final", {}).items()
+                            if k.startswith(("eval/", "val/")) and v is not None},
+                "sample_grid": summary.get("sample_grid")}
+
+    def _due(self, every: int) -> bool:
+        return every > 0 and self.step % every == 0
+
+    def _is_due(self, every: int) -> bool:
+        """Whether the step about to run (self.step + 1) is due."""
+        return every > 0 and ((self.step + 1) % every == 0 or self.step + 1 == self.max_steps)
+
+
+# ---- build helpers ---------------------------------------------------------------------------------------
+def build_accelerator(cfg: TrainConfig) -> Accelerator:
+    trackers = resolve_trackers(cfg.report_to)
+    project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs"))
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+        log_with=trackers or None,
+        project_config=project,
+    )
+    set_seed(cfg.seed)
+    return accelerator
+
+
+def build_hparams(cfg: TrainConfig, spec) -> dict[str, Any]:
+    """Generic flags + --optimizer_args -> the registry's keyword arguments, validated (UserError if bad)."""
+    extras = parse_optimizer_args(cfg.optimizer_args) if cfg.optimizer_args else {}
+    betas = None
+    if cfg.adam_beta1 is not None or cfg.adam_beta2 is not None:
+        default = resolved_hparams(spec.name).get("betas") or (0.9, 0.999)
+        betas = (cfg.adam_beta1 if cfg.adam_beta1 is not None else default[0],
+                 cfg.adam_beta2 if cfg.adam_beta2 is not None else default[1])
+    generic = dict(lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay, betas=betas,
+                   momentum=cfg.momentum, eps=cfg.adam_epsilon)
+    for key in generic:
+        if key in extras and generic[key] is None:
+            generic[key] = extras.pop(key)
+    generic = {k: v for k, v in generic.items() if v is not None}
+    return resolved_hparams(spec.name, **generic, **extras)
+
+
+def build_ema(cfg: TrainConfig, model: torch.nn.Module):
+    if not cfg.use_ema:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(model.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True, inv_gamma=cfg.ema_inv_gamma,
+                    power=cfg.ema_power, model_cls=type(model), model_config=model.config)
+
+
+def build_quality(cfg: TrainConfig, data):
+    from diffusers_optim.metrics.quality import build_quality_metric
+
+    return build_quality_metric(data.name, cfg.inception_weights, data.validation)
+
+
+def num_train_steps(cfg: TrainConfig, num_images: int, num_processes: int) -> int:
+    """--max_train_steps, or --num_epochs converted to optimizer steps."""
+    if cfg.num_epochs is None:
+        return cfg.max_train_steps
+    per_step = cfg.train_batch_size * num_processes * cfg.gradient_accumulation_steps
+    return max(1, math.ceil(cfg.num_epochs * num_images / per_step))
+
+
+def check_hub(cfg: TrainConfig) -> str | None:
+    """Fail in seconds, not after hours, when an upload at the end could not work."""
+    if not cfg.push_to_hub:
+        return None
+    from diffusers_optim import hub
+
+    return hub.check_hub_access(cfg)
+
+
+def check_output_dir(cfg: TrainConfig, out: Path) -> Path | None:
+    """Never clobber a previous run by accident; returns the checkpoint to resume from, if any."""
+    check_writable(out)
+    if cfg.resume_from_checkpoint:
+        path = ckpt.find_checkpoint(out, cfg.resume_from_checkpoint)
+        if path is None:
+            logger.info(f"no checkpoint in {out / 'checkpoints'}: starting from scratch", main_process_only=True)
+        return path
+    existing = [name for name in RUN_ARTIFACTS if (out / name).exists()]
+    if existing and not cfg.overwrite_output_dir:
+        raise UserError(f"output directory {out} already holds a run ({', '.join(existing)}); pass "
+                        f"--resume_from_checkpoint latest to continue it or --overwrite_output_dir to replace it")
+    return None
+
+
+def clear_previous_run(out: Path) -> None:
+    """With --overwrite_output_dir: remove the old run's metrics and checkpoints, after every check passed."""
+    import shutil
+
+    for name in ("metrics.jsonl", "run_summary.json", "wandb_run_id.txt"):
+        (out / name).unlink(missing_ok=True)
+    for name in ("checkpoints", "samples"):
+        shutil.rmtree(out / name, ignore_errors=True)
+
+
+def optimizer_record(spec, hparams: dict[str, Any]) -> dict[str, Any]:
+    flags = {k: getattr(spec, k) for k in ("needs_train_eval", "lr_is_multiplier") if hasattr(spec, k)}
+    return {"name": spec.name, "hparams": {k: (list(v) if isinstance(v, tuple) else v) for k, v in hparams.items()},
+            "package": getattr(spec, "package", None), "flags": flags,
+            "description": getattr(spec, "description", "")}
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ("diffusers-optim", "torch", "diffusers", "accelerate", "transformers", "wandb", "prodigyopt",
+             "schedulefree", "lion-pytorch", "bitsandbytes", "pytorch-optimizer")
+    found = {}
+    for name in names:
+        with contextlib.suppress(PackageNotFoundError):
+            found[name] = version(name)
+    return found
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def save_pipeline(unet, noise_scheduler, out: Path) -> None:
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(noise_scheduler.config)).save_pretrained(out)
+
+
+def write_summary(out: Path, steps: int, wall_time_s: float, nonfinite: int) -> dict[str, Any]:
+    """run_summary.json, written last: its presence marks a complete run."""
+    final: dict[str, Any] = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        final.update({k: v for k, v in json.loads(line).items() if k != "step"})
+    grids = sorted((out / "samples").glob("step_*.png"))
+    summary = {"status": "complete", "steps": steps, "wall_time_s": wall_time_s, "nonfinite_steps": nonfinite,
+               "final": final, "sample_grid": str(grids[-1].relative_to(out)) if grids else None}
+    tmp = out / "run_summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(out / "run_summary.json")
+    return summary
+
+
+def _is_digits(cfg: TrainConfig) -> bool:
+    return not cfg.train_data_dir and cfg.dataset_name in (None, "digits")
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM (preemption, `kill`) becomes KeyboardInterrupt, so the loop saves a checkpoint before exiting."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler) if _main_thread() else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`diffusers-optim train` and train_scripts/train_unconditional.py."""
+    cfg = parse_train_args(argv)
+    trainer = Trainer(cfg)
+    try:
+        summary = trainer.train()
+    except TrainingStopped as err:
+        raise UserError(str(err)) from None
+    if trainer.accelerator.is_main_process:
+        final = summary.get("final", {})
+        print(f"done: {trainer.step} steps, val/loss {final.get('val/loss', float('nan')):.4f}, output in {trainer.out}")
+    return 0
+
