@@ -1,0 +1,525 @@
+"""Equal-budget optimizer comparisons: many training runs that differ only in the optimizer, then a report.
+
+    diffusers-optim compare --optimizers adamw sgd:lr=0.01,momentum=0.9 lion:lr=3e-5 --seeds 0 1 \\
+        --output_dir outputs/cmp [--lr_grid 0.3 1 3] [--accelerate_config FILE] [training flags...]
+
+Every run gets the same training flags, --init_seed, step budget and seed list; the trainer derives data
+order, noise, timesteps and sampling noise from --seed, so only the optimizer and its hyperparameters differ.
+Each run is its own trainer process (or `accelerate launch`), so the same command scales to many GPUs.
+Layout of --output_dir: plan.json (written first), runs/<optimizer>-lr<lr>-s<seed>/, tuning/ (lr-grid trials),
+logs/, failures.json, then summary.json/csv, report.html and report.md (see report.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from diffusers_optim.config import coerce_value, field_types
+from diffusers_optim.errors import UserError, unknown_choice
+
+logger = logging.getLogger(__name__)
+
+# generic spec keys -> the trainer's flags; `betas=(b1,b2)` is split over adam_beta1/adam_beta2
+GENERIC_FLAGS = {"weight_decay": "adam_weight_decay", "eps": "adam_epsilon", "momentum": "momentum"}
+FALLBACK_LR = 1e-4  # for a registry entry without a default lr
+# flags the comparison sets per run; passing them through would break the equal-budget design
+CONTROLLED_FLAGS = (
+    "optimizer",
+    "optimizer_args",
+    "learning_rate",
+    "seed",
+    "output_dir",
+    "run_name",
+    "run_group",
+    "resume_from_checkpoint",
+    "overwrite_output_dir",
+)
+# flags that may differ between a finished run and the plan without making it a different run
+NOT_COMPARED = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir", "logger")
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train_scripts" / "train_unconditional.py"
+
+Launcher = Callable[[list[str], Path], int]
+
+
+@dataclass(frozen=True)
+class OptimizerChoice:
+    """One `name[:k=v,...]` from --optimizers, validated and split into trainer flags."""
+
+    text: str  # as the user wrote it
+    name: str  # the registry's canonical name
+    lr: float  # base learning rate (the spec's lr=, else the registry default)
+    flags: dict[str, str]  # trainer flags from generic keys, e.g. {"momentum": "0.9"}
+    extra: str | None  # the rest, for --optimizer_args
+    label: str = ""  # what runs and reports group by (the name, unless two specs share it)
+
+
+@dataclass
+class PlannedRun:
+    """One training run of the comparison."""
+
+    name: str
+    stage: str  # "tune" (lr-grid trial on the first seed) or "final"
+    optimizer: str  # the choice's label
+    spec: str
+    learning_rate: float
+    seed: int
+    path: str  # relative to the comparison folder
+    args: list[str] = field(default_factory=list)  # trainer flags (without --resume_from_checkpoint)
+
+
+# ---- parsing and validation (all before any run starts) ---------------------------------------
+
+
+def split_top_level(text: str) -> list[str]:
+    """Split on commas that are not inside brackets, so `betas=(0.9,0.99)` stays one item."""
+    items, depth, current = [], 0, ""
+    for char in text:
+        if char in "([":
+            depth += 1
+        elif char in ")]":
+            depth -= 1
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    items.append(current)
+    return [item.strip() for item in items]
+
+
+def parse_spec_text(text: str) -> tuple[str, dict[str, str]]:
+    """`sgd:lr=0.01,momentum=0.9` -> ("sgd", {"lr": "0.01", "momentum": "0.9"}), syntax only."""
+    name, _, rest = text.partition(":")
+    if not name.strip():
+        raise UserError(f"optimizer spec '{text}' has no name; expected name[:key=value,...]")
+    args: dict[str, str] = {}
+    if rest.strip():
+        for item in split_top_level(rest):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip() or not value.strip():
+                raise UserError(f"optimizer spec '{text}': '{item}' is not key=value")
+            if key.strip() in args:
+                raise UserError(f"optimizer spec '{text}': '{key.strip()}' is given twice")
+            args[key.strip()] = value.strip()
+    elif ":" in text:
+        raise UserError(f"optimizer spec '{text}' ends with ':'; expected name[:key=value,...]")
+    return name.strip(), args
+
+
+def parse_float(text: str, what: str, positive: bool = True) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"{what}: cannot read {text!r} as a number") from None
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise UserError(f"{what} must be a positive number, got {text!r}")
+    return value
+
+
+def generic_flags(hparams: dict[str, Any]) -> dict[str, str]:
+    """The trainer flags of a spec's generic hyperparameters (lr aside), e.g. betas -> adam_beta1/2."""
+    flags = {GENERIC_FLAGS[k]: str(v) for k, v in hparams.items() if k in GENERIC_FLAGS}
+    betas = hparams.get("betas")
+    if betas is not None:
+        betas = betas if isinstance(betas, (tuple, list)) else (betas,)
+        flags.update(zip(("adam_beta1", "adam_beta2"), map(str, betas)))
+    return flags
+
+
+def resolve_choice(text: str) -> OptimizerChoice:
+    """Validate one spec with the registry (name, arguments, ranges) and split it into lr, flags, extras."""
+    from diffusers_optim.optim import GENERIC_HPARAMS, get_spec, parse_optimizer_args, resolved_hparams
+
+    name, raw = parse_spec_text(text)
+    spec = get_spec(name)
+    try:
+        hparams = parse_optimizer_args(",".join(f"{k}={v}" for k, v in raw.items()))
+        resolved_hparams(spec.name, **hparams)
+    except UserError as err:
+        raise UserError(f"optimizer spec '{text}': {err}") from None
+    lr = hparams.get("lr") or spec.defaults.get("lr") or FALLBACK_LR
+    extra = ",".join(f"{k}={v}" for k, v in raw.items() if k not in GENERIC_HPARAMS) or None
+    return OptimizerChoice(text=text, name=spec.name, lr=float(lr), flags=generic_flags(hparams), extra=extra)
+
+
+def resolve_choices(texts: list[str]) -> list[OptimizerChoice]:
+    """All specs, validated; duplicates are errors and specs sharing a name get distinct labels."""
+    if not texts:
+        raise UserError("--optimizers needs at least one optimizer, e.g. --optimizers adamw lion:lr=3e-5")
+    choices = [resolve_choice(t) for t in texts]
+    seen: dict[tuple, str] = {}
+    for c in choices:
+        key = (c.name, c.lr, tuple(sorted(c.flags.items())), c.extra)
+        if key in seen:
+            raise UserError(f"optimizer specs '{seen[key]}' and '{c.text}' are the same run; list each once")
+        seen[key] = c.text
+    names = [c.name for c in choices]
+    return [
+        OptimizerChoice(**{**asdict(c), "label": c.name if names.count(c.name) == 1 else slug(c.text)})
+        for c in choices
+    ]
+
+
+def slug(text: str) -> str:
+    """A folder-safe version of a spec, e.g. `sgd:momentum=0.9` -> `sgd-momentum0.9`."""
+    out = text.replace(":", "-").replace(",", "-").replace("=", "")
+    return "".join(ch for ch in out if ch.isalnum() or ch in "-_.")
+
+
+def parse_lr_grid(values: list[str] | None) -> list[float] | None:
+    """--lr_grid multipliers: positive, distinct numbers."""
+    if values is None:
+        return None
+    if not values:
+        raise UserError("--lr_grid needs at least one multiplier, e.g. --lr_grid 0.3 1 3")
+    grid = [parse_float(v, "--lr_grid") for v in values]
+    if len(set(grid)) != len(grid):
+        raise UserError(f"--lr_grid has repeated multipliers: {' '.join(values)}")
+    return grid
+
+
+def parse_passthrough(rest: list[str]) -> list[tuple[str, str]]:
+    """Training flags given to every run, as (flag, value); a bare boolean flag means true."""
+    pairs, types = [], field_types()
+    i = 0
+    while i < len(rest):
+        token = rest[i]
+        if not token.startswith("--"):
+            raise UserError(f"unexpected argument '{token}' (training flags look like --max_train_steps 200)")
+        key, eq, value = token[2:].partition("=")
+        if not eq and i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+            value, i = rest[i + 1], i + 1
+        elif not eq:
+            value = "true"
+        i += 1
+        if key != "config" and key not in types:
+            raise unknown_choice("training flag", f"--{key}", [f"--{k}" for k in types])
+        if key in CONTROLLED_FLAGS:
+            raise UserError(f"--{key} is set by the comparison for each run; it cannot be passed through")
+        if key != "config":
+            coerce_value(key, value, types[key])
+        pairs.append((key, value))
+    return pairs
+
+
+# ---- planning ------------------------------------------------------------------------------
+
+
+def fmt_lr(lr: float) -> str:
+    return f"{lr:.6g}"
+
+
+def plan_run(
+    choice: OptimizerChoice, lr: float, seed: int, stage: str, common: list[str], group: str
+) -> PlannedRun:
+    """One run: the shared training flags, then what differs (optimizer, its hyperparameters, seed)."""
+    name = f"{choice.label}-lr{fmt_lr(lr)}-s{seed}"
+    path = f"{'tuning' if stage == 'tune' else 'runs'}/{name}"
+    args = [*common, "--optimizer", choice.name, "--learning_rate", fmt_lr(lr), "--seed", str(seed)]
+    for flag, value in choice.flags.items():
+        args += [f"--{flag}", value]
+    if choice.extra:
+        args += ["--optimizer_args", choice.extra]
+    args += ["--run_group", group, "--run_name", name]
+    return PlannedRun(name, stage, choice.label, choice.text, float(fmt_lr(lr)), seed, path, args)
+
+
+def write_plan(root: Path, plan: dict[str, Any], runs: list[PlannedRun]) -> Path:
+    path = root / "plan.json"
+    path.write_text(json.dumps({**plan, "runs": [asdict(r) for r in runs]}, indent=2) + "\n")
+    return path
+
+
+# ---- running -------------------------------------------------------------------------------
+
+
+def trainer_command(run: PlannedRun, root: Path, accelerate_config: str | None) -> list[str]:
+    """The trainer as its own process: the CLI, or `accelerate launch` with the user's config."""
+    args = [*run.args, "--output_dir", str(root / run.path)]
+    if accelerate_config is None:
+        return [sys.executable, "-m", "diffusers_optim.cli", "train", *args]
+    exe = shutil.which("accelerate")
+    launch = [exe, "launch"] if exe else [sys.executable, "-m", "accelerate.commands.launch"]
+    return [*launch, "--config_file", accelerate_config, str(TRAIN_SCRIPT), *args]
+
+
+def launch_subprocess(cmd: list[str], log_path: Path) -> int:
+    """Run one trainer process, its output appended to log_path; returns its exit status."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("a") as log:
+        log.write(f"==> {shlex.join(cmd)}\n")
+        log.flush()
+        return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def config_differences(run: PlannedRun, run_dir: Path) -> list[str]:
+    """Planned flags whose value differs from the config the run folder was trained with."""
+    saved = read_json(run_dir / "config.json").get("config", {})
+    types, diffs = field_types(), []
+    args = run.args
+    for key, value in zip(args[::2], args[1::2]):
+        key = key[2:]
+        if key in NOT_COMPARED or key not in types:
+            continue
+        if coerce_value(key, value, types[key]) != saved.get(key):
+            diffs.append(key)
+    saved_dir = saved.get("output_dir")
+    if saved_dir and Path(saved_dir).resolve() != run_dir.resolve():
+        diffs.append("output_dir")
+    return diffs
+
+
+def run_state(run: PlannedRun, root: Path) -> str:
+    """complete | resume | restart | fresh | mismatch: what to do with the run's folder."""
+    run_dir = root / run.path
+    if not run_dir.exists():
+        return "fresh"
+    if (run_dir / "config.json").is_file() and config_differences(run, run_dir):
+        return "mismatch"
+    if read_json(run_dir / "run_summary.json").get("status") == "complete":
+        return "complete"
+    has_checkpoint = (
+        any((run_dir / "checkpoints").glob("checkpoint-*")) if (run_dir / "checkpoints").is_dir() else False
+    )
+    return "resume" if has_checkpoint else "restart"
+
+
+def check_reusable(runs: list[PlannedRun], root: Path, overwrite: bool) -> None:
+    """Refuse (before any run) to train over a folder that holds a differently-configured run."""
+    for run in runs:
+        if run_state(run, root) != "mismatch":
+            continue
+        diffs = ", ".join(config_differences(run, root / run.path))
+        if not overwrite:
+            raise UserError(
+                f"{root / run.path} holds a run with a different config (differs in: {diffs}); "
+                "use a new --output_dir, or --overwrite to retrain it"
+            )
+        logger.warning("retraining %s (config differs in: %s)", run.name, diffs)
+        remove_run_dir(root / run.path)
+
+
+def remove_run_dir(path: Path) -> None:
+    if path.is_symlink():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def last_lines(path: Path, count: int = 20) -> str:
+    lines = (
+        [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        if path.is_file()
+        else []
+    )
+    return "\n".join(lines[-count:])
+
+
+def execute(
+    runs: list[PlannedRun], root: Path, launcher: Launcher, accelerate_config: str | None
+) -> dict[str, str]:
+    """Train every run not already complete; a failure is recorded and the comparison goes on."""
+    from tqdm.auto import tqdm
+
+    failures_path = root / "failures.json"
+    failures = read_json(failures_path)
+    progress = tqdm(runs, desc="runs", unit="run")
+    for run in progress:
+        progress.set_postfix_str(run.name)
+        state = run_state(run, root)
+        if state == "complete":
+            logger.info("reusing complete run %s", run.path)
+            failures.pop(run.name, None)
+            continue
+        cmd = trainer_command(run, root, accelerate_config)
+        if state == "resume":
+            cmd += ["--resume_from_checkpoint", "latest"]
+        elif state == "restart":
+            remove_run_dir(root / run.path)  # killed before its first checkpoint: nothing to keep
+        log_path = root / "logs" / f"{run.name}.log"
+        status = launcher(cmd, log_path)
+        if status == 0 and run_state(run, root) == "complete":
+            failures.pop(run.name, None)
+        else:
+            failures[run.name] = f"exit status {status}\n{last_lines(log_path)}".strip()
+            logger.warning("run %s failed (exit status %s); see %s", run.name, status, log_path)
+        failures_path.write_text(json.dumps(failures, indent=2) + "\n")
+    return failures
+
+
+def final_val_loss(run_dir: Path) -> float:
+    """A finished run's final val/loss; inf for a failed or diverged run."""
+    summary = read_json(run_dir / "run_summary.json")
+    if summary.get("status") != "complete":
+        return math.inf
+    value = summary.get("final", {}).get("val/loss")
+    if value is None:
+        from diffusers_optim.report import last_value, read_metrics
+
+        value = last_value(read_metrics(run_dir / "metrics.jsonl"), "val/loss")
+    return float(value) if value is not None and math.isfinite(value) else math.inf
+
+
+def choose_lrs(choices: list[OptimizerChoice], tune_runs: list[PlannedRun], root: Path) -> dict[str, float]:
+    """Each optimizer's grid lr with the best final val/loss (its base lr if every trial failed)."""
+    chosen = {}
+    for choice in choices:
+        trials = [r for r in tune_runs if r.optimizer == choice.label]
+        scored = [(final_val_loss(root / r.path), r.learning_rate) for r in trials]
+        best_loss, best_lr = min(scored)
+        if math.isinf(best_loss):
+            logger.warning("every lr trial of %s failed; its final runs use the base lr", choice.label)
+            best_lr = choice.lr
+        chosen[choice.label] = best_lr
+    return chosen
+
+
+def link_tuned_runs(final_runs: list[PlannedRun], tune_runs: list[PlannedRun], root: Path) -> None:
+    """A final run identical to a finished trial (same lr, first seed) points to it instead of rerunning."""
+    trials = {r.name: r for r in tune_runs}
+    for run in final_runs:
+        trial = trials.get(run.name)
+        target = root / run.path
+        if trial and not target.exists() and run_state(trial, root) == "complete":
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(Path("..") / trial.path)
+
+
+# ---- the command ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffusers-optim compare",
+        allow_abbrev=False,  # --seed must reach the trainer's error, not silently become --seeds
+        description=__doc__.splitlines()[0],
+        epilog="Any other --flag is a training flag given unchanged to every run (see `diffusers-optim train --help`).",
+    )
+    parser.add_argument(
+        "--optimizers", nargs="*", required=True, help="Specs: name[:k=v,...]; lr= sets the run's lr."
+    )
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[0], help="Seeds, the same for every optimizer."
+    )
+    parser.add_argument("--output_dir", required=True, help="The comparison folder.")
+    parser.add_argument(
+        "--lr_grid", nargs="*", default=None, help="Multipliers of each optimizer's base lr to try."
+    )
+    parser.add_argument("--accelerate_config", default=None, help="Launch each run with `accelerate launch`.")
+    parser.add_argument("--target_val_loss", type=float, default=None, help="Time-to-target threshold.")
+    parser.add_argument(
+        "--run_group", default=None, help="W&B group of every run (default: the folder's name)."
+    )
+    parser.add_argument("--overwrite", action="store_true", help="Retrain run folders whose config differs.")
+    return parser
+
+
+@dataclass
+class Comparison:
+    """The validated inputs of one comparison."""
+
+    root: Path
+    choices: list[OptimizerChoice]
+    seeds: list[int]
+    grid: list[float] | None
+    common: list[str]
+    group: str
+    accelerate_config: str | None
+    target: float | None
+    overwrite: bool
+    command: str
+
+
+def parse_comparison(argv: list[str]) -> Comparison:
+    """Parse and validate everything a comparison needs; any problem is a UserError before any run."""
+    args, rest = build_parser().parse_known_args(argv)
+    if len(set(args.seeds)) != len(args.seeds):
+        raise UserError(f"--seeds has repeated values: {' '.join(map(str, args.seeds))}")
+    if args.accelerate_config and not Path(args.accelerate_config).is_file():
+        raise UserError(f"accelerate config not found: {args.accelerate_config}")
+    if args.accelerate_config and not TRAIN_SCRIPT.is_file():
+        raise UserError(f"--accelerate_config needs {TRAIN_SCRIPT} (a source checkout of diffusers-optim)")
+    grid = parse_lr_grid(args.lr_grid)
+    choices = resolve_choices(args.optimizers)
+    common = [item for key, value in parse_passthrough(rest) for item in (f"--{key}", value)]
+    root = Path(args.output_dir).resolve()
+    return Comparison(
+        root=root,
+        choices=choices,
+        seeds=args.seeds,
+        grid=grid,
+        common=common,
+        group=args.run_group or root.name,
+        accelerate_config=args.accelerate_config,
+        target=args.target_val_loss,
+        overwrite=args.overwrite,
+        command=shlex.join(["diffusers-optim", "compare", *argv]),
+    )
+
+
+def run_comparison(cmp: Comparison, launcher: Launcher = launch_subprocess) -> dict[str, Path]:
+    """Plan, (tune,) train every run, then write the summary and reports; returns the report paths."""
+    from diffusers_optim.report import summarize
+
+    cmp.root.mkdir(parents=True, exist_ok=True)
+    plan: dict[str, Any] = dict(
+        command=cmp.command,
+        optimizers=[asdict(c) for c in cmp.choices],
+        seeds=cmp.seeds,
+        lr_grid=cmp.grid,
+        train_args=cmp.common,
+        run_group=cmp.group,
+        accelerate_config=cmp.accelerate_config,
+    )
+    tune: list[PlannedRun] = []
+    if cmp.grid:
+        tune = [
+            plan_run(c, c.lr * m, cmp.seeds[0], "tune", cmp.common, cmp.group)
+            for c in cmp.choices
+            for m in cmp.grid
+        ]
+        write_plan(cmp.root, {**plan, "chosen_lr": None}, tune)
+        check_reusable(tune, cmp.root, cmp.overwrite)
+        execute(tune, cmp.root, launcher, cmp.accelerate_config)
+    chosen = choose_lrs(cmp.choices, tune, cmp.root) if cmp.grid else {c.label: c.lr for c in cmp.choices}
+    final = [
+        plan_run(c, chosen[c.label], s, "final", cmp.common, cmp.group)
+        for c in cmp.choices
+        for s in cmp.seeds
+    ]
+    write_plan(cmp.root, {**plan, "chosen_lr": chosen}, tune + final)
+    check_reusable(final, cmp.root, cmp.overwrite)
+    link_tuned_runs(final, tune, cmp.root)
+    execute(final, cmp.root, launcher, cmp.accelerate_config)
+    return summarize(cmp.root, cmp.target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from diffusers_optim.report import print_ranking
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    cmp = parse_comparison(argv)
+    paths = run_comparison(cmp)
+    for name, path in paths.items():
+        logger.info("%-12s %s", name, path)
+    logger.info("\n%s", print_ranking(cmp.root))
+    return 0

@@ -1,0 +1,202 @@
+"""compare: spec parsing and validation, the plan, and the run loop (with a stand-in trainer)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from diffusers_optim import compare
+from diffusers_optim.config import parse_train_args
+from diffusers_optim.errors import UserError
+
+
+def test_spec_parsing_maps_generic_keys_to_trainer_flags():
+    sgd = compare.resolve_choice("sgd:lr=0.01,momentum=0.9")
+    assert (sgd.name, sgd.lr, sgd.flags, sgd.extra) == ("sgd", 0.01, {"momentum": "0.9"}, None)
+    adamw = compare.resolve_choice("adamw:betas=(0.9,0.99),weight_decay=0.01,amsgrad=true")
+    assert adamw.flags == {"adam_beta1": "0.9", "adam_beta2": "0.99", "adam_weight_decay": "0.01"}
+    assert adamw.extra == "amsgrad=true"
+    # without lr= the registry's default is the base lr (a multiplier of 1.0 for Prodigy-style entries)
+    assert compare.resolve_choice("adamw").lr == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize(
+    "specs, message",
+    [
+        (["adamx"], "unknown optimizer 'adamx'"),
+        (["sgd:lr"], "'lr' is not key=value"),
+        (["adamw:"], "ends with ':'"),
+        ([":lr=1"], "has no name"),
+        (["sgd:lr=-1"], "lr must be a number > 0"),
+        (["adamw:foo=1"], "does not take the hyperparameter 'foo'"),
+        (["sgd:lr=0.1,lr=0.2"], "given twice"),
+        ([], "at least one optimizer"),
+        (["adamw", "adamw:lr=1e-4"], "are the same run"),
+    ],
+)
+def test_bad_specs_are_user_errors(specs, message):
+    with pytest.raises(UserError, match=message):
+        compare.resolve_choices(specs)
+
+
+def test_same_optimizer_twice_gets_distinct_labels():
+    labels = [c.label for c in compare.resolve_choices(["sgd:lr=0.01", "sgd:lr=0.01,momentum=0.9", "lion"])]
+    assert labels == ["sgd-lr0.01", "sgd-lr0.01-momentum0.9", "lion"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lr_grid"], "at least one multiplier"),
+        (["--lr_grid", "1", "x"], "cannot read 'x'"),
+        (["--lr_grid", "0", "1"], "positive"),
+        (["--lr_grid", "1", "1"], "repeated"),
+        (["--seeds", "0", "0"], "repeated"),
+        (["--learning_rate", "0.1"], "set by the comparison"),
+        (["--seed", "3"], "set by the comparison"),
+        (["--max_train_step", "3"], "Did you mean '--max_train_steps'"),
+        (["--max_train_steps", "many"], "cannot read 'many' as int"),
+        (["--accelerate_config", "/nonexistent.yaml"], "accelerate config not found"),
+    ],
+)
+def test_bad_comparison_flags_are_user_errors(tmp_path, argv, message):
+    with pytest.raises(UserError, match=message):
+        compare.parse_comparison(["--optimizers", "adamw", "--output_dir", str(tmp_path), *argv])
+    assert not any(tmp_path.iterdir())  # nothing planned, nothing run
+
+
+def test_plan_shares_every_flag_but_the_optimizer(tmp_path):
+    cmp = compare.parse_comparison(
+        ["--optimizers", "adamw", "sgd:lr=0.01,momentum=0.9", "--seeds", "0", "1"]
+        + ["--output_dir", str(tmp_path / "cmp"), "--max_train_steps=30", "--use_ema", "--init_seed", "5"]
+    )
+    assert cmp.common == ["--max_train_steps", "30", "--use_ema", "true", "--init_seed", "5"]
+    assert cmp.group == "cmp"
+    runs = [
+        compare.plan_run(c, c.lr, s, "final", cmp.common, cmp.group) for c in cmp.choices for s in cmp.seeds
+    ]
+    assert [r.path for r in runs] == ["runs/adamw-lr0.0001-s0", "runs/adamw-lr0.0001-s1"] + [
+        "runs/sgd-lr0.01-s0",
+        "runs/sgd-lr0.01-s1",
+    ]
+    cfgs = [parse_train_args(r.args + ["--output_dir", str(tmp_path)]) for r in runs]
+    assert {(c.max_train_steps, c.use_ema, c.init_seed, c.run_group) for c in cfgs} == {(30, True, 5, "cmp")}
+    assert [(c.optimizer, c.learning_rate, c.momentum, c.seed) for c in cfgs[1:3]] == [
+        ("adamw", 1e-4, None, 1),
+        ("sgd", 0.01, 0.9, 0),
+    ]
+    assert cfgs[3].run_name == "sgd-lr0.01-s1"
+    cmd = compare.trainer_command(runs[0], tmp_path, None)
+    assert cmd[1:4] == ["-m", "diffusers_optim.cli", "train"] and cmd[-2:] == [
+        "--output_dir",
+        str(tmp_path / runs[0].path),
+    ]
+
+
+class FakeTrainer:
+    """Stands in for the trainer process: writes a run folder by the contract; val/loss falls with lr."""
+
+    def __init__(self, fail_optimizer: str | None = None):
+        self.fail_optimizer = fail_optimizer
+        self.launched: list[str] = []
+
+    def __call__(self, cmd: list[str], log_path: Path) -> int:
+        cfg = parse_train_args(cmd[cmd.index("train") + 1 :])
+        self.launched.append(cfg.run_name)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True)
+        (out / "config.json").write_text(json.dumps({"config": cfg.to_dict(), "run_name": cfg.run_name}))
+        if cfg.optimizer == self.fail_optimizer:
+            log_path.write_text("Traceback...\nRuntimeError: loss exploded\n")
+            return 1
+        val = 1.0 / (1.0 + 100 * cfg.learning_rate) + 0.01 * cfg.seed
+        rec = {"step": cfg.max_train_steps, "elapsed_s": 1.0, "train/loss": val, "val/loss": val}
+        (out / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
+        summary = {"status": "complete", "steps": cfg.max_train_steps, "final": {"val/loss": val}}
+        (out / "run_summary.json").write_text(json.dumps(summary))
+        return 0
+
+
+def run(tmp_path: Path, trainer: FakeTrainer, *extra: str) -> dict[str, Path]:
+    argv = [
+        "--optimizers",
+        "adamw:lr=1e-3",
+        "sgd:lr=0.01",
+        "--seeds",
+        "0",
+        "1",
+        "--output_dir",
+        str(tmp_path),
+    ]
+    return compare.run_comparison(
+        compare.parse_comparison(argv + ["--max_train_steps", "7", *extra]), trainer
+    )
+
+
+def test_failed_run_is_recorded_and_completed_runs_are_reused(tmp_path):
+    trainer = FakeTrainer(fail_optimizer="sgd")
+    paths = run(tmp_path, trainer)
+    assert trainer.launched == ["adamw-lr0.001-s0", "adamw-lr0.001-s1", "sgd-lr0.01-s0", "sgd-lr0.01-s1"]
+    failures = json.loads((tmp_path / "failures.json").read_text())
+    assert (
+        set(failures) == {"sgd-lr0.01-s0", "sgd-lr0.01-s1"} and "loss exploded" in failures["sgd-lr0.01-s0"]
+    )
+    summary = json.loads(paths["summary_json"].read_text())
+    assert [(o["optimizer"], o["status"]) for o in summary["optimizers"]] == [
+        ("adamw", "complete"),
+        ("sgd", "failed"),
+    ]
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["command"].startswith("diffusers-optim compare --optimizers adamw:lr=1e-3")
+
+    # a rerun trains only what is not complete (the failed folders restart from scratch) and clears failures
+    again = FakeTrainer()
+    run(tmp_path, again)
+    assert again.launched == ["sgd-lr0.01-s0", "sgd-lr0.01-s1"]
+    assert json.loads((tmp_path / "failures.json").read_text()) == {}
+
+
+def test_changed_flags_refuse_to_reuse_a_run(tmp_path):
+    run(tmp_path, FakeTrainer())
+    with pytest.raises(UserError, match="differs in: max_train_steps"):
+        compare.run_comparison(
+            compare.parse_comparison(
+                ["--optimizers", "adamw:lr=1e-3", "--output_dir", str(tmp_path), "--max_train_steps", "9"]
+            ),
+            FakeTrainer(),
+        )
+
+
+def test_incomplete_run_with_checkpoint_resumes(tmp_path):
+    cmds = []
+    argv = ["--optimizers", "adamw:lr=1e-3", "--output_dir", str(tmp_path), "--max_train_steps", "7"]
+    cmp = compare.parse_comparison(argv)
+    ckpt = tmp_path / "runs" / "adamw-lr0.001-s0" / "checkpoints" / "checkpoint-5"
+    ckpt.mkdir(parents=True)
+
+    def launcher(cmd, log_path):
+        cmds.append(cmd)
+        return 1
+
+    compare.run_comparison(cmp, launcher)
+    assert cmds[0][-2:] == ["--resume_from_checkpoint", "latest"]
+
+
+def test_lr_grid_tunes_on_first_seed_then_runs_best_on_all(tmp_path):
+    trainer = FakeTrainer()
+    paths = run(tmp_path, trainer, "--lr_grid", "0.5", "2")
+    tuning = [n for n in trainer.launched[:4]]
+    assert tuning == ["adamw-lr0.0005-s0", "adamw-lr0.002-s0", "sgd-lr0.005-s0", "sgd-lr0.02-s0"]
+    # FakeTrainer's val/loss falls with lr, so the larger lr wins; seed 0 reuses its trial instead of rerunning
+    assert trainer.launched[4:] == ["adamw-lr0.002-s1", "sgd-lr0.02-s1"]
+    assert (tmp_path / "runs" / "adamw-lr0.002-s0").is_symlink()
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["chosen_lr"] == {"adamw": 0.002, "sgd": 0.02}
+    summary = json.loads(paths["summary_json"].read_text())
+    assert len(summary["tuning"]) == 4 and len(summary["runs"]) == 4
+    adamw = next(o for o in summary["optimizers"] if o["optimizer"] == "adamw")
+    assert adamw["val/loss"] == pytest.approx(1 / 1.2 + 0.005) and not math.isnan(adamw["val/loss_std"])
