@@ -1,0 +1,175 @@
+"""A W&B report of one comparison group: loss by timestep bucket per optimizer, val loss, grad norm, lr, samples.
+
+    diffusers-optim report --entity E --project P --group G [--title T] [--dry-run FILE]
+
+Built with wandb-workspaces (`pip install 'diffusers-optim[reports]'`). `--dry-run FILE` builds the very same
+report objects and writes their specification as JSON, without network or a W&B login.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from diffusers_optim.config import TrainConfig
+from diffusers_optim.errors import UserError
+from diffusers_optim.metrics.buckets import bucket_keys
+
+logger = logging.getLogger(__name__)
+
+GROUP_BY = "config.optimizer"  # the trainer logs its config, so runs group by the optimizer's name
+DRY_RUN_PROJECT_ID = "dry-run"
+
+
+def import_reports():
+    """wandb_workspaces.reports.v2, or a UserError that says which extra installs it."""
+    try:
+        import wandb_workspaces.reports.v2 as wr
+    except ImportError:
+        raise UserError(
+            "`diffusers-optim report` needs the package 'wandb-workspaces': "
+            "pip install 'diffusers-optim[reports]' (or pip install wandb-workspaces)"
+        ) from None
+    return wr
+
+
+def line_plot(wr, key: str, title: str, log_y: bool = False, x: int = 0, y: int = 0, w: int = 8):
+    """One metric over steps, one line per optimizer (mean over seeds, min-max band)."""
+    return wr.LinePlot(
+        title=title,
+        x="Step",
+        y=[key],
+        log_y=log_y or None,
+        groupby_aggfunc="mean",
+        groupby_rangefunc="minmax",
+        layout=wr.Layout(x=x, y=y, w=w, h=6),
+    )
+
+
+def bucket_panels(wr, prefix: str, keys: list[str], row: int) -> list:
+    """A row of panels, one per timestep bucket, three to a row."""
+    return [
+        line_plot(wr, key, f"{prefix} t={key.split('/', 1)[1]}", True, x=8 * (i % 3), y=row + 6 * (i // 3))
+        for i, key in enumerate(keys)
+    ]
+
+
+def build_report(
+    entity: str,
+    project: str,
+    group: str,
+    title: str | None = None,
+    num_train_timesteps: int = TrainConfig.ddpm_num_steps,
+    num_buckets: int = TrainConfig.num_timestep_buckets,
+):
+    """The report object: one runset filtered to the group and grouped by optimizer, and its panels."""
+    wr = import_reports()
+    val_keys = bucket_keys(num_train_timesteps, num_buckets, "val_t")
+    train_keys = bucket_keys(num_train_timesteps, num_buckets, "loss_t")
+
+    def grid(panels: list):
+        runset = wr.Runset(
+            entity=entity, project=project, name=group, filters=f"Group = '{group}'", groupby=[GROUP_BY]
+        )
+        return wr.PanelGrid(runsets=[runset], panels=panels)
+
+    overview = [
+        line_plot(wr, "val/loss", "validation loss", True, x=0),
+        line_plot(wr, "train/grad_norm", "gradient norm (before clipping)", True, x=8),
+        line_plot(wr, "train/lr", "learning rate", x=16),
+    ]
+    samples = [
+        wr.MediaBrowser(
+            title="samples (fixed noise)",
+            media_keys=["samples/grid"],
+            num_columns=4,
+            layout=wr.Layout(x=0, y=0, w=24, h=10),
+        )
+    ]
+    blocks = [
+        wr.P(
+            f"Optimizer comparison of the runs in W&B group '{group}', one line per optimizer "
+            f"(mean over seeds, min-max band). Made by diffusers-optim."
+        ),
+        wr.H2("Validation loss, gradient norm, learning rate"),
+        grid(overview),
+        wr.H2("Validation loss by timestep bucket"),
+        wr.P("Fixed held-out images, frozen noise and timesteps: the fairest view of each noise level."),
+        grid(bucket_panels(wr, "val loss", val_keys, 0)),
+        wr.H2("Training loss by timestep bucket"),
+        grid(bucket_panels(wr, "train loss", train_keys, 0)),
+        wr.H2("Samples"),
+        grid(samples),
+    ]
+    return wr.Report(
+        entity=entity,
+        project=project,
+        title=title or f"Optimizer comparison: {group}",
+        description=f"diffusers-optim comparison, W&B group '{group}'",
+        blocks=blocks,
+    )
+
+
+@contextlib.contextmanager
+def offline_project_lookup() -> Iterator[None]:
+    """Answer the one query a report makes while being built (a runset's project id) without network."""
+    from wandb_workspaces.reports.v2 import interface
+
+    def fake_graphql(_api, query, variables):
+        if "internalId" not in str(query):
+            raise RuntimeError("dry run: unexpected W&B query")
+        return {"project": {"internalId": DRY_RUN_PROJECT_ID}}
+
+    saved = interface.execute_graphql, interface._get_api
+    interface.execute_graphql, interface._get_api = fake_graphql, lambda: None
+    try:
+        yield
+    finally:
+        interface.execute_graphql, interface._get_api = saved
+
+
+def report_spec(report) -> dict[str, Any]:
+    """The report's specification, as it would be sent to W&B (with a placeholder project id)."""
+    with offline_project_lookup():
+        model = report._to_model()
+    return json.loads(model.model_dump_json(by_alias=True, exclude_none=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="diffusers-optim report", description=__doc__.splitlines()[0])
+    parser.add_argument("--entity", required=True, help="W&B entity (team or user).")
+    parser.add_argument("--project", required=True, help="W&B project of the runs.")
+    parser.add_argument("--group", required=True, help="W&B group of the comparison (its --run_group).")
+    parser.add_argument(
+        "--title", default=None, help="Report title (default: 'Optimizer comparison: GROUP')."
+    )
+    parser.add_argument("--num_timestep_buckets", type=int, default=TrainConfig.num_timestep_buckets)
+    parser.add_argument("--ddpm_num_steps", type=int, default=TrainConfig.ddpm_num_steps)
+    parser.add_argument(
+        "--dry-run",
+        "--dry_run",
+        dest="dry_run",
+        default=None,
+        metavar="FILE",
+        help="Write the report's specification (JSON) to FILE instead of saving it to W&B.",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    report = build_report(
+        args.entity, args.project, args.group, args.title, args.ddpm_num_steps, args.num_timestep_buckets
+    )
+    if args.dry_run:
+        path = Path(args.dry_run)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report_spec(report), indent=2) + "\n")
+        logger.info("report specification written to %s (dry run: nothing sent to W&B)", path)
+        return 0
+    report.save()
+    logger.info("report saved: %s", report.url)
+    return 0
