@@ -213,9 +213,10 @@ def convert_mode(image: Image.Image, channels: int) -> Image.Image:
     """Any PIL mode -> 'L' or 'RGB'."""
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        array = np.asarray(image, dtype=np.float32)
-        image = Image.fromarray((array * (255.0 / max(float(array.max()), 1.0))).astype(np.uint8))
+    if image.mode.startswith("I"):
+        # 16-bit images (PNG 'I;16' / 'I'): PIL's own conversion to 8 bits would saturate them.
+        array = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))
     return image.convert("L" if channels == 1 else "RGB")
 
 

@@ -1,6 +1,7 @@
 """Data: digits, image folders of mixed modes and sizes, saved data sets, and every bad input as a UserError."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -225,6 +226,41 @@ def test_unreadable_subfolder(tmp_path):
         sub.chmod(0o755)
 
 
+def test_permission_errors_are_user_errors_when_root_reads_anyway(tmp_path, monkeypatch):
+    """As root the chmod tests above skip; simulate the OS refusing, to check the messages still reach the user."""
+    _folder(tmp_path / "imgs", n=4)
+    real_access, real_scandir = os.access, os.scandir
+    locked = tmp_path / "imgs"
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    with pytest.raises(UserError, match="not readable"):
+        build_datasets(_cfg(train_data_dir=str(locked)), 1)
+    monkeypatch.setattr(os, "access", real_access)
+
+    def scandir(path):
+        if Path(path) == locked / "a":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(UserError, match=r"cannot read folder .*imgs/a.*Permission denied"):
+        build_datasets(_cfg(train_data_dir=str(locked)), 1)
+
+
+def test_palette_transparency_and_16_bit_images_convert_without_warnings(tmp_path, recwarn):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    palette = _image("P", (10, 10), 0)
+    palette.save(folder / "a_palette.png", transparency=bytes(range(0, 256, 16)))  # per-entry alpha, as bytes
+    deep = np.linspace(0, 65535, 64).astype(np.uint16).reshape(8, 8)
+    Image.fromarray(deep).save(folder / "b_deep.png")
+    _image("RGB", (10, 10), 1).save(folder / "c_rgb.png")
+    bundle = build_datasets(_cfg(train_data_dir=str(folder), num_validation_images=1), 3)
+    expected = torch.from_numpy(np.rint(deep / 257.0) / 127.5 - 1).float()
+    # The 16-bit range maps onto [-1, 1] instead of saturating at 255.
+    torch.testing.assert_close(bundle.train[1], expected.expand(3, 8, 8))
+    assert not [w for w in recwarn if "PIL" in str(w.filename) or "Palette" in str(w.message)]
+
+
 # ---- datasets data sets ---------------------------------------------------------------------------------------
 
 
@@ -294,3 +330,20 @@ def test_train_data_dir_wins_over_dataset_name(tmp_path):
     _folder(tmp_path / "imgs", n=5)
     bundle = build_datasets(_cfg(train_data_dir=str(tmp_path / "imgs"), dataset_name="someone/x"), 1)
     assert bundle.name == "imgs"
+
+
+@pytest.mark.parametrize("source", ["folder", "saved"])
+def test_uncached_items_equal_cached_ones_and_load_in_workers(tmp_path, monkeypatch, source):
+    if source == "folder":
+        _folder(tmp_path / "src", n=8)
+        cfg = _cfg(train_data_dir=str(tmp_path / "src"), center_crop=True)
+    else:
+        _saved_dataset(tmp_path / "src", n=8)
+        cfg = _cfg(dataset_name=str(tmp_path / "src"), center_crop=True)
+    cached = build_datasets(cfg, 3)
+    monkeypatch.setattr("diffusers_optim.data.CACHE_BYTES", 0)
+    lazy = build_datasets(cfg, 3)
+    assert cached.train.cache is not None and lazy.train.cache is None
+    assert torch.equal(_all(cached.train), _all(lazy.train))
+    loader = torch.utils.data.DataLoader(lazy.train, batch_size=5, num_workers=2)
+    assert torch.equal(torch.cat(list(loader)), _all(cached.train))
