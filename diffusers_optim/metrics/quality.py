@@ -146,11 +146,23 @@ def _as_float64(x: ArrayLike) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x), dtype=torch.float64)
 
 
+def _check_num_samples(samples: torch.Tensor) -> None:
+    if len(samples) < 2:
+        raise UserError(
+            f"sample-quality metrics need at least 2 samples, got {len(samples)}: raise --num_eval_samples"
+        )
+
+
 def _check_images(samples: torch.Tensor) -> torch.Tensor:
     if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
         shape = getattr(samples, "shape", type(samples).__name__)
         raise ValueError(f"expected images as a tensor (N, C, H, W) in [-1, 1], got {shape}")
-    return samples.detach().float().clamp(-1, 1)
+    samples = samples.detach().float()
+    if not torch.isfinite(samples).all():
+        # A diverged model must score badly, not crash the run that is comparing it with others.
+        logger.warning("some samples contain NaN or inf (a diverged model?): scoring them with NaN set to 0")
+        samples = torch.nan_to_num(samples, nan=0.0)
+    return samples.clamp(-1, 1)
 
 
 # ---- digits ---------------------------------------------------------------------------------------
@@ -200,7 +212,7 @@ class DigitsQuality:
     def __init__(self, net: DigitsFeatureNet, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
-        self.feature_scale = 1.0
+        self.feature_scale = 1.0  # raw features first, to measure the scale
         reference = self.logits_and_features(heldout_digits()[0])[1]
         # Scale features so the real digits have mean square 1 per dimension, as Inception's pool features
         # roughly do: the KID kernel (x.y / d + 1)^3 then sees O(1) inner products instead of O(40).
@@ -221,6 +233,7 @@ class DigitsQuality:
 
     def evaluate(self, samples: torch.Tensor) -> dict[str, float]:
         """eval/fd, eval/kid, eval/confident_frac, eval/class_entropy, eval/classes_covered of the samples."""
+        _check_num_samples(samples)
         logits, feats = self.logits_and_features(samples)
         return {
             "eval/fd": frechet_distance(*feature_stats(feats), *self.reference_stats),
@@ -294,6 +307,7 @@ class InceptionFID:
 
     def evaluate(self, samples: torch.Tensor) -> dict[str, float]:
         """eval/fid and eval/kid of the samples against the reference images."""
+        _check_num_samples(samples)
         feats = self.features(samples)
         mu, sigma = feature_stats(feats)
         return {

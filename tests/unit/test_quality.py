@@ -195,6 +195,20 @@ def test_evaluate_noise_and_a_single_repeated_digit(digits_quality, heldout):
     assert one_digit["eval/classes_covered"] == 1
 
 
+def test_evaluate_scores_diverged_samples_instead_of_crashing(digits_quality):
+    samples = noise_images(32)
+    samples[:4] = float("nan")
+    samples[4:8] = float("inf")
+    result = digits_quality.evaluate(samples)
+    assert all(math.isfinite(v) for v in result.values())
+    assert result["eval/fd"] > 10.0
+
+
+def test_evaluate_needs_two_samples(digits_quality, heldout):
+    with pytest.raises(UserError, match="--num_eval_samples"):
+        digits_quality.evaluate(heldout[0][:1])
+
+
 def test_evaluate_is_cheap(digits_quality, heldout):
     images = F.interpolate(heldout[0][:300], scale_factor=4, mode="nearest")
     digits_quality.evaluate(images[:8])  # warm-up
