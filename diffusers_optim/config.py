@@ -67,6 +67,7 @@ class TrainConfig:
     train_batch_size: int = field(default=64, metadata={"help": "Batch size per process."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     max_train_steps: int = field(default=500, metadata={"help": "Optimizer steps to train."})
+    stop_after_steps: int | None = field(default=None, metadata={"help": "End this session after step N with a checkpoint, schedule unchanged (time-limited jobs); continue with --resume_from_checkpoint latest."})
     num_epochs: int | None = field(default=None, metadata={"help": "If set, train this many epochs instead of --max_train_steps."})
     seed: int = field(default=0, metadata={"help": "Seed for data order, noise, timesteps (the model init uses --init_seed)."})
     init_seed: int = field(default=0, metadata={"help": "Seed of the model's initial weights; the same for every optimizer in a comparison."})

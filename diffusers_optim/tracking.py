@@ -6,6 +6,7 @@ import json
 import math
 import netrc
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +62,7 @@ def wandb_run_id(output_dir: Path) -> str:
     path = output_dir / "wandb_run_id.txt"
     if path.is_file():
         return path.read_text().strip()
-    import wandb
-
-    run_id = wandb.util.generate_id()
+    run_id = uuid.uuid4().hex[:12]
     path.write_text(run_id)
     return run_id
 

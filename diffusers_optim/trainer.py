@@ -35,9 +35,14 @@ from diffusers_optim.diffusion import (
 )
 from diffusers_optim.errors import UserError
 from diffusers_optim.metrics.buckets import BucketMeter, bucket_keys, bucket_means
-from diffusers_optim.models import build_noise_scheduler, build_unet, load_unet_config, check_resolution
-from diffusers_optim.optim import create_optimizer, get_spec, optimizer_state_bytes, parse_optimizer_args
-from diffusers_optim.optim import resolved_hparams
+from diffusers_optim.models import build_noise_scheduler, build_unet, check_resolution, load_unet_config
+from diffusers_optim.optim import (
+    create_optimizer,
+    get_spec,
+    optimizer_state_bytes,
+    parse_optimizer_args,
+    resolved_hparams,
+)
 from diffusers_optim.sampling import BatchStream, generate_images, images_to_grid, step_seed
 from diffusers_optim.schedules import build_lr_scheduler
 from diffusers_optim.tracking import MetricsLog, check_writable, init_trackers, resolve_trackers
@@ -85,6 +90,7 @@ class Trainer:
         self.meter = BucketMeter(cfg.num_timestep_buckets, cfg.ddpm_num_steps, self.accelerator.device)
         self.metrics = MetricsLog(self.accelerator, self.out, self.trackers)
         self.quality = build_quality(cfg, self.data)
+        self.validation_batch()  # frozen now: a validation set too small for the buckets fails before training
         self.run_name = cfg.run_name or f"{self.spec.name}-lr{self.hparams['lr']:g}-s{cfg.seed}"
         self.step = 0
         self.nonfinite_total = 0
@@ -107,6 +113,13 @@ class Trainer:
                     self.step += 1
                     bar.update(1)
                     self.after_step(bar)
+                    if self.step == self.cfg.stop_after_steps and self.step < self.max_steps:
+                        self.save_checkpoint()
+                        bar.close()
+                        logger.info(f"stopped after step {self.step} (--stop_after_steps); resume with "
+                                    "--resume_from_checkpoint latest", main_process_only=True)
+                        self.accelerator.end_training()
+                        return {"status": "stopped", "steps": self.step}
             except (KeyboardInterrupt, TrainingStopped):
                 self.save_checkpoint()
                 raise
@@ -271,6 +284,8 @@ class Trainer:
         """Loss per timestep bucket on the fixed held-out images with frozen noise and timesteps."""
         cfg, acc = self.cfg, self.accelerator
         images, noise, timesteps = self.validation_batch()
+        if len(images) == 0:
+            return {}
         shard = slice(acc.process_index, None, acc.num_processes)
         meter = BucketMeter(cfg.num_timestep_buckets, cfg.ddpm_num_steps, acc.device)
         with self.eval_mode():
@@ -602,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = trainer.train()
     except TrainingStopped as err:
         raise UserError(str(err)) from None
-    if trainer.accelerator.is_main_process:
+    if trainer.accelerator.is_main_process and summary.get("status") == "complete":
         final = summary.get("final", {})
         print(f"done: {trainer.step} steps, val/loss {final.get('val/loss', float('nan')):.4f}, output in {trainer.out}")
     return 0
