@@ -277,19 +277,25 @@ def build_model_card(run: dict[str, Any], repo_id: str | None = None) -> ModelCa
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_body(run, model_name, repo_id)}")
 
 
-def files_to_upload(output_dir: Path) -> list[str]:
+def upload_patterns(sample_grid: str | None = None) -> list[str]:
+    """Allow patterns of an upload: the fixed set plus the card's sample grid, wherever the trainer put it."""
+    return UPLOAD_ALLOW + ([Path(sample_grid).as_posix()] if sample_grid else [])
+
+
+def files_to_upload(output_dir: Path, sample_grid: str | None = None) -> list[str]:
     """Relative paths of output_dir that push_run sends, by the Hub client's own pattern filter."""
     from huggingface_hub.utils import filter_repo_objects
 
     files = sorted(p.relative_to(output_dir).as_posix() for p in Path(output_dir).rglob("*") if p.is_file())
-    return list(filter_repo_objects(files, allow_patterns=UPLOAD_ALLOW, ignore_patterns=UPLOAD_IGNORE))
+    allow = upload_patterns(sample_grid)
+    return list(filter_repo_objects(files, allow_patterns=allow, ignore_patterns=UPLOAD_IGNORE))
 
 
-def _check_no_token_in(output_dir: Path, token: str | None) -> None:
+def _check_no_token_in(output_dir: Path, token: str | None, sample_grid: str | None) -> None:
     """Refuse to upload a file holding the token (the run config is redacted, but a user file may not be)."""
     if not token:
         return
-    for rel in files_to_upload(output_dir):
+    for rel in files_to_upload(output_dir, sample_grid):
         path = Path(output_dir) / rel
         if path.suffix in (".json", ".md", ".yaml", ".yml", ".txt") and token in path.read_text(
             errors="ignore"
@@ -304,13 +310,17 @@ def push_run(
     token: str | None = None,
     api: HfApi | None = None,
     commit_message: str = "Upload diffusers-optim run",
+    sample_grid: str | None = None,
 ) -> str:
-    """Write the card as README.md and upload the pipeline, card, config and final grid; return the URL."""
+    """Write the card as README.md and upload the pipeline, card, config and final grid; return the URL.
+
+    sample_grid: the grid's path relative to output_dir (as in the card), when not named samples/final*.
+    """
     output_dir = Path(output_dir)
     if not (output_dir / "model_index.json").is_file():
         raise UserError(f"no saved pipeline in {output_dir} (model_index.json is missing); nothing to push")
     card.save(output_dir / "README.md")
-    _check_no_token_in(output_dir, token)
+    _check_no_token_in(output_dir, token, sample_grid)
     api = api or HfApi()
     try:
         info = api.upload_folder(
@@ -318,7 +328,7 @@ def push_run(
             folder_path=str(output_dir),
             commit_message=commit_message,
             token=token,
-            allow_patterns=list(UPLOAD_ALLOW),
+            allow_patterns=upload_patterns(sample_grid),
             ignore_patterns=list(UPLOAD_IGNORE),
         )
     except Exception as err:

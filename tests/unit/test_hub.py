@@ -246,6 +246,18 @@ def test_push_uploads_pipeline_card_config_and_final_grid_only(tmp_path):
     assert ModelCard.load(out / "README.md").data.library_name == "diffusers"
 
 
+def test_push_sends_the_trainers_final_grid_but_not_earlier_ones(tmp_path):
+    out = tmp_path / "run"
+    write_run_folder(out)
+    for name in ("step_000002.png", "step_000004.png"):
+        (out / "samples" / name).write_text("png")
+    run = make_run(make_cfg(tmp_path), sample_grid="samples/step_000004.png")
+    api = FakeApi()
+    hub.push_run(out, "alice/run", hub.build_model_card(run), api=api, sample_grid=run["sample_grid"])
+    assert "samples/step_000004.png" in api.uploaded and "samples/step_000002.png" not in api.uploaded
+    assert "checkpoints/checkpoint-000010/model.safetensors" not in api.uploaded
+
+
 def test_push_refuses_a_file_holding_the_token(tmp_path):
     out = tmp_path / "run"
     write_run_folder(out)
