@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny, fast training config (tiny UNet, digits, a few steps) for in-process and script tests."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = ROOT / "train_scripts" / "train_unconditional.py"
+
+# Flags of a run that takes seconds on CPU: tiny UNet at 16x16 digits, no warmup, tiny validation and sampling.
+TINY_FLAGS = [
+    "--model_preset", "tiny", "--resolution", "16", "--train_batch_size", "8", "--lr_warmup_steps", "0",
+    "--num_validation_images", "8", "--num_inference_steps", "2", "--num_samples", "4", "--num_eval_samples", "8",
+    "--learning_rate", "1e-3", "--validation_steps", "0", "--sample_steps", "0",
+]
+
+
+@pytest.fixture
+def tiny_flags() -> list[str]:
+    """A fresh copy of TINY_FLAGS (add --output_dir and --max_train_steps)."""
+    return list(TINY_FLAGS)
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """Factory: a TrainConfig for the tiny run in tmp_path/run, with keyword overrides."""
+    from diffusers_optim.config import parse_train_args
+
+    def make(*extra: str, **overrides):
+        cfg = parse_train_args([*TINY_FLAGS, "--output_dir", str(tmp_path / "run"), "--max_train_steps", "4",
+                                *extra])
+        for key, value in overrides.items():
+            setattr(cfg, key, value)
+        return cfg
+
+    return make
+
+
+@pytest.fixture
+def offline_env(monkeypatch, tmp_path) -> dict[str, str]:
+    """An offline environment with no Hub or W&B login, for this process and for child processes."""
+    env = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false", "HF_HOME": str(tmp_path / "hf_home"),
+           "WANDB_DIR": str(tmp_path / "wandb_dir")}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    for key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY"):
+        monkeypatch.delenv(key, raising=False)
+    return {**os.environ}
+
+
+def script_command(*args: str) -> list[str]:
+    """The real training script, as a user runs it, with the tiny flags first."""
+    return [sys.executable, str(TRAIN_SCRIPT), *TINY_FLAGS, *args]
