@@ -370,7 +370,7 @@ def plot_curves(runs: list[Run], keys: list[str], path: Path, ylabel: str, log_y
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         if log_y and any(line.get_ydata().size for line in ax.lines):
-            ax.set_yscale("log")
+            ax.set_yscale("log", nonpositive="mask")  # lr decays to 0 at the end
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
@@ -427,9 +427,7 @@ def make_figures(summary: dict[str, Any], runs: list[Run], out_dir: Path) -> dic
     val_keys = ["val/loss", *bucket_keys(all_records, "val_t")]
     figures = {
         "val_loss": plot_curves(runs, val_keys, out_dir / "val_loss_by_bucket.png", "val loss"),
-        "grad_lr": plot_curves(
-            runs, ["train/grad_norm", "train/lr"], out_dir / "grad_norm_lr.png", "", False
-        ),
+        "grad_lr": plot_curves(runs, ["train/grad_norm", "train/lr"], out_dir / "grad_norm_lr.png", ""),
     }
     buckets = bucket_keys(all_records, "val_t") or ["val/loss"]
     figures["heatmap"] = plot_heatmap(summary, buckets, out_dir / "final_val_heatmap.png")
