@@ -200,3 +200,17 @@ def test_lr_grid_tunes_on_first_seed_then_runs_best_on_all(tmp_path):
     assert len(summary["tuning"]) == 4 and len(summary["runs"]) == 4
     adamw = next(o for o in summary["optimizers"] if o["optimizer"] == "adamw")
     assert adamw["val/loss"] == pytest.approx(1 / 1.2 + 0.005) and not math.isnan(adamw["val/loss_std"])
+
+
+def test_accelerate_config_launches_the_training_script(tmp_path):
+    config = tmp_path / "acc.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\n")
+    cmp = compare.parse_comparison(
+        ["--optimizers", "lion", "--output_dir", str(tmp_path / "c"), "--accelerate_config", str(config)]
+    )
+    run = compare.plan_run(cmp.choices[0], cmp.choices[0].lr, 0, "final", cmp.common, cmp.group)
+    cmd = compare.trainer_command(run, cmp.root, cmp.accelerate_config)
+    launch = cmd.index("--config_file")
+    assert cmd[launch - 1] in ("launch", "accelerate.commands.launch") and cmd[launch + 1] == str(config)
+    assert cmd[launch + 2].endswith("train_scripts/train_unconditional.py")
+    assert cmd[launch + 3 :][:4] == ["--optimizer", "lion", "--learning_rate", "3e-05"]
