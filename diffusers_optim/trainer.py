@@ -86,7 +86,7 @@ class Trainer:
         self.accelerator.register_for_checkpointing(self.lr_scheduler)
         if self.ema is not None:
             self.ema.to(self.accelerator.device)
-            self.accelerator.register_for_checkpointing(self.ema)
+            register_ema_hooks(self.accelerator, self.ema)
         self.meter = BucketMeter(cfg.num_timestep_buckets, cfg.ddpm_num_steps, self.accelerator.device)
         self.metrics = MetricsLog(self.accelerator, self.out, self.trackers)
         self.quality = build_quality(cfg, self.data)
@@ -389,9 +389,15 @@ class Trainer:
         if acc.is_main_process:
             (self.out / "config.json").write_text(json.dumps(run_config, indent=2, default=str))
         tags = [self.spec.name, cfg.model_preset, self.data.name, cfg.prediction_type]
-        init_trackers(acc, self.trackers, cfg.tracker_project_name, self.out, run_config, self.run_name,
-                      cfg.run_group, tags, cfg.wandb_entity)
+        init_trackers(acc, self.trackers, cfg.tracker_project_name, self.out, self.tracker_config(run_config),
+                      self.run_name, cfg.run_group, tags, cfg.wandb_entity)
         self._reset_interval()
+
+    def tracker_config(self, run_config: dict[str, Any]) -> dict[str, Any]:
+        """Flags at the top level (W&B panels group by `optimizer`, `learning_rate`...), the rest nested."""
+        flags = {**run_config["config"], "optimizer": self.spec.name, "learning_rate": self.hparams["lr"]}
+        rest = {k: v for k, v in run_config.items() if k not in ("config", "optimizer")}
+        return {**flags, "optimizer_spec": run_config["optimizer"], **rest}
 
     def run_config(self) -> dict[str, Any]:
         """Everything needed to reproduce and compare the run (no secrets)."""
@@ -430,7 +436,8 @@ class Trainer:
                 from diffusers_optim import hub
 
                 card = hub.build_model_card(self.card_info(summary))
-                url = hub.push_run(self.out, self.repo_id, card, token=self.cfg.hub_token)
+                url = hub.push_run(self.out, self.repo_id, card, token=self.cfg.hub_token,
+                                   sample_grid=summary.get("sample_grid"))
                 logger.info(f"uploaded to {url}", main_process_only=True)
         acc.wait_for_everyone()
         acc.end_training()
@@ -456,7 +463,11 @@ class Trainer:
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
     trackers = resolve_trackers(cfg.report_to)
     project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs"))
+    # `accelerate launch` on a machine without CUDA does not pass use_cpu on to the workers: ask for CPU here so
+    # several processes join one gloo group instead of training alone and writing the same folder.
+    distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
+        cpu=distributed_cpu,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
         log_with=trackers or None,
@@ -490,6 +501,24 @@ def build_ema(cfg: TrainConfig, model: torch.nn.Module):
 
     return EMAModel(model.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True, inv_gamma=cfg.ema_inv_gamma,
                     power=cfg.ema_power, model_cls=type(model), model_config=model.config)
+
+
+def register_ema_hooks(accelerator: Accelerator, ema) -> None:
+    """Save the EMA weights inside each checkpoint as a safetensors UNet (as diffusers' examples do), not a pickle."""
+    from diffusers import UNet2DModel
+    from diffusers.training_utils import EMAModel
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
+
+    def load_hook(models, input_dir):
+        loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), model_cls=UNet2DModel)
+        ema.load_state_dict(loaded.state_dict())
+        ema.to(accelerator.device)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
 
 
 def build_quality(cfg: TrainConfig, data):

@@ -1,0 +1,150 @@
+"""The training script end to end, run as a user runs it: real diffusers, accelerate and wandb (offline)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "train_scripts" / "train_unconditional.py"
+TINY = [
+    "--model_preset", "tiny", "--resolution", "16", "--train_batch_size", "8", "--lr_warmup_steps", "2",
+    "--num_validation_images", "16", "--num_inference_steps", "4", "--num_samples", "4", "--num_eval_samples", "16",
+    "--learning_rate", "1e-3",
+]
+
+
+def env(**extra: str) -> dict[str, str]:
+    base = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    base.pop("WANDB_API_KEY", None)
+    return {**base, **extra}
+
+
+def run_script(args: list[str], launcher: list[str] | None = None, **extra_env: str) -> subprocess.CompletedProcess:
+    cmd = [*(launcher or [sys.executable]), str(SCRIPT), *TINY, *args]
+    proc = subprocess.run(cmd, env=env(**extra_env), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def leet_records(run_dir: Path) -> list[dict]:
+    """Every record of an offline W&B run, as W&B itself reads the transaction log."""
+    out = subprocess.run(["wandb", "leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def bucket_names(prefix: str) -> list[str]:
+    return [f"{prefix}/000-249", f"{prefix}/250-499", f"{prefix}/500-749", f"{prefix}/750-999"]
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_has_every_metric_and_pipeline_loads(tmp_path):
+    out = tmp_path / "run"
+    run_script(["--max_train_steps", "12", "--logging_steps", "4", "--validation_steps", "6", "--sample_steps", "6",
+                "--output_dir", str(out), "--report_to", "wandb", "--run_group", "itest"])
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    records = leet_records(runs[0])
+    history = [r["history"]["item"] for r in records if r.get("type") == "history"]
+    logged = set().union(*history)
+    expected = {*bucket_names("loss_t"), *bucket_names("val_t"), "train/loss", "val/loss", "train/grad_norm",
+                "train/lr", "train/param_norm", "train/update_ratio", "perf/images_per_sec", "optim/state_mb",
+                "eval/fd", "eval/confident_frac"}
+    assert expected <= logged, expected - logged
+    images = [h for h in history if h.get("samples/grid._type") == "image-file"]
+    assert len(images) == 2  # steps 6 and 12
+    run_record = next(r["run"] for r in records if r.get("type") == "run")
+    assert run_record["display_name"] == "adamw-lr0.001-s0" and "adamw" in run_record["tags"]
+
+    # metrics.jsonl holds the same scalar keys, at the same steps, with the same values
+    lines = read_jsonl(out / "metrics.jsonl")
+    local = set().union(*lines)
+    assert expected <= local
+    by_step = {h["train/step"]: h for h in history if "train/loss" in h}
+    for line in lines:
+        if "train/loss" in line:
+            assert by_step[line["step"]]["train/loss"] == pytest.approx(line["train/loss"])
+    assert [line["step"] for line in lines] == [4, 6, 8, 12]
+    counts = sum(lines[0][k] for k in bucket_names("count_t"))
+    assert counts == 4 * 8  # 4 steps x batch 8, every sample in exactly one bucket
+
+    from diffusers import DDPMPipeline
+
+    pipe = DDPMPipeline.from_pretrained(out)
+    images = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
+    assert images.shape == (2, 16, 16, 1) and torch.isfinite(torch.from_numpy(images)).all()
+    assert (out / "samples" / "step_000012.png").is_file()
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["status"] == "complete" and summary["steps"] == 12
+
+
+@pytest.mark.slow
+def test_resume_continues_as_if_never_stopped(tmp_path):
+    common = ["--max_train_steps", "8", "--logging_steps", "2", "--validation_steps", "4", "--sample_steps", "0",
+              "--checkpointing_steps", "4", "--eval_steps", "0", "--num_eval_samples", "4", "--optimizer", "adamw",
+              "--use_ema"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_script([*common, "--output_dir", str(straight)])
+    run_script([*common, "--output_dir", str(resumed), "--stop_after_steps", "4"])
+    assert not (resumed / "run_summary.json").exists()
+    run_script([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
+
+    def losses(path: Path) -> list[tuple]:
+        return [(r["step"], r.get("train/loss"), r.get("val/loss")) for r in read_jsonl(path / "metrics.jsonl")]
+
+    assert losses(straight) == losses(resumed)
+    a = load_file(straight / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(resumed / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
+    """Real DDP over gloo: one W&B run, global bucket counts, same loss curve as one process at batch 2B."""
+    common = ["--max_train_steps", "6", "--logging_steps", "2", "--validation_steps", "6", "--sample_steps", "6",
+              "--report_to", "wandb", "--eval_steps", "0", "--max_grad_norm", "1.0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_script([*common, "--output_dir", str(one), "--train_batch_size", "8"])
+    launcher = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
+    run_script([*common, "--output_dir", str(two), "--train_batch_size", "4"], launcher=launcher,
+               ACCELERATE_USE_CPU="true")
+    assert len(list((two / "wandb").glob("offline-run-*"))) == 1
+    config = json.loads((two / "config.json").read_text())
+    assert config["num_processes"] == 2
+    a, b = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        assert sum(rb[k] for k in bucket_names("count_t")) == 2 * 8  # 2 steps x global batch 8
+        assert [ra[k] for k in bucket_names("count_t")] == [rb[k] for k in bucket_names("count_t")]
+        # Same images, noise and timesteps; only the float summation order differs (DDP all-reduce).
+        assert rb["train/loss"] == pytest.approx(ra["train/loss"], rel=1e-4)
+    assert b[-1]["val/loss"] == pytest.approx(a[-1]["val/loss"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_bf16_on_cpu_finishes_with_finite_losses(tmp_path):
+    out = tmp_path / "bf16"
+    run_script(["--max_train_steps", "6", "--logging_steps", "2", "--validation_steps", "6", "--sample_steps", "6",
+                "--mixed_precision", "bf16", "--eval_steps", "0", "--output_dir", str(out)])
+    lines = read_jsonl(out / "metrics.jsonl")
+    config = json.loads((out / "config.json").read_text())
+    assert config["mixed_precision"] == "bf16"
+    values = [v for r in lines for k, v in r.items() if k.startswith(("train/loss", "loss_t/", "val"))]
+    assert values and all(v is not None and torch.isfinite(torch.tensor(v)) for v in values)
