@@ -83,7 +83,7 @@ class Trainer:
         self.ema = build_ema(cfg, self.model)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         # The LR schedule is stepped by hand once per optimizer step (prepare() would step it once per process).
-        self.accelerator.register_for_checkpointing(self.lr_scheduler)
+        register_json_state(self.accelerator, "lr_scheduler.json", self.lr_scheduler)
         if self.ema is not None:
             self.ema.to(self.accelerator.device)
             register_ema_hooks(self.accelerator, self.ema)
@@ -501,6 +501,19 @@ def build_ema(cfg: TrainConfig, model: torch.nn.Module):
 
     return EMAModel(model.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True, inv_gamma=cfg.ema_inv_gamma,
                     power=cfg.ema_power, model_cls=type(model), model_config=model.config)
+
+
+def register_json_state(accelerator: Accelerator, filename: str, obj) -> None:
+    """Checkpoint a small state_dict of plain values as JSON (accelerate would pickle it)."""
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            Path(output_dir, filename).write_text(json.dumps(obj.state_dict()))
+
+    def load_hook(models, input_dir):
+        obj.load_state_dict(json.loads(Path(input_dir, filename).read_text()))
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
 
 
 def register_ema_hooks(accelerator: Accelerator, ema) -> None:
