@@ -14,7 +14,9 @@ from diffusers_optim.optim.registry import OptimizerSpec, register_optimizer
 ADAM_NAMES = {"lr": "lr", "betas": "betas", "eps": "eps", "weight_decay": "weight_decay"}
 NO_EPS_NAMES = {"lr": "lr", "betas": "betas", "weight_decay": "weight_decay"}
 DIFFUSERS_ADAMW = {"lr": 1e-4, "betas": (0.95, 0.999), "eps": 1e-8, "weight_decay": 1e-6}
-DIFFUSERS_SOURCE = "lr 1e-4, betas (0.95, 0.999), eps 1e-8, weight_decay 1e-6: diffusers train_unconditional.py defaults"
+DIFFUSERS_SOURCE = (
+    "lr 1e-4, betas (0.95, 0.999), eps 1e-8, weight_decay 1e-6: diffusers train_unconditional.py defaults"
+)
 OPTIONAL = {"extra": "optimizers"}
 
 
@@ -39,7 +41,9 @@ BUILTIN_SPECS = [
         factory=torch.optim.Adam,
         description="Adam (L2 weight decay coupled to the gradient)",
         defaults={**DIFFUSERS_ADAMW, "weight_decay": 0.0},
-        defaults_source=DIFFUSERS_SOURCE.replace("weight_decay 1e-6", "weight_decay 0 (torch: Adam's decay is L2)"),
+        defaults_source=DIFFUSERS_SOURCE.replace(
+            "weight_decay 1e-6", "weight_decay 0 (torch: Adam's decay is L2)"
+        ),
         hparam_names=ADAM_NAMES,
     ),
     OptimizerSpec(
@@ -72,8 +76,13 @@ BUILTIN_SPECS = [
         name="adafactor",
         factory="transformers.optimization.Adafactor",
         description="Adafactor with factored second moments and an external lr (our LR schedule applies)",
-        defaults={"lr": 1e-3, "weight_decay": 0.0, "relative_step": False, "scale_parameter": False,
-                  "warmup_init": False},
+        defaults={
+            "lr": 1e-3,
+            "weight_decay": 0.0,
+            "relative_step": False,
+            "scale_parameter": False,
+            "warmup_init": False,
+        },
         defaults_source="lr 1e-3 with relative_step/scale_parameter/warmup_init False: transformers' "
         "Adafactor docstring for use with an external schedule; weight_decay 0: its default",
         hparam_names={"lr": "lr", "weight_decay": "weight_decay"},
@@ -115,8 +124,14 @@ BUILTIN_SPECS = [
         package="prodigyopt",
         **OPTIONAL,
         description="Prodigy: Adam that estimates its own step size d; lr is a multiplier of d",
-        defaults={"lr": 1.0, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01,
-                  "safeguard_warmup": True, "use_bias_correction": True},
+        defaults={
+            "lr": 1.0,
+            "betas": (0.9, 0.999),
+            "eps": 1e-8,
+            "weight_decay": 0.01,
+            "safeguard_warmup": True,
+            "use_bias_correction": True,
+        },
         defaults_source="lr 1.0: Prodigy README ('lr=1. for all networks'); safeguard_warmup, "
         "use_bias_correction and weight_decay 0.01: its README's advice for diffusion models; betas, eps: defaults",
         hparam_names=ADAM_NAMES,
@@ -165,12 +180,24 @@ BUILTIN_SPECS = [
         package="pytorch-optimizer",
         **OPTIONAL,
         description="Muon (orthogonalized momentum) for hidden matrices and conv kernels; AdamW for the rest",
-        defaults={"lr": 0.02, "momentum": 0.95, "weight_decay": 0.0, "betas": (0.9, 0.95), "eps": 1e-10,
-                  "adamw_lr": 3e-4, "nesterov": True},
+        defaults={
+            "lr": 0.02,
+            "momentum": 0.95,
+            "weight_decay": 0.0,
+            "betas": (0.9, 0.95),
+            "eps": 1e-10,
+            "adamw_lr": 3e-4,
+            "nesterov": True,
+        },
         defaults_source="lr 0.02, momentum 0.95, nesterov: Keller Jordan's Muon; AdamW part (biases, norms, "
         "conv_in/conv_out, embeddings): adamw_lr 3e-4, betas (0.9, 0.95), eps 1e-10: pytorch_optimizer defaults",
-        hparam_names={"lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay",
-                      "betas": "adamw_betas", "eps": "adamw_eps"},
+        hparam_names={
+            "lr": "lr",
+            "momentum": "momentum",
+            "weight_decay": "weight_decay",
+            "betas": "adamw_betas",
+            "eps": "adamw_eps",
+        },
         param_routing=muon_routing,
     ),
     OptimizerSpec(
@@ -179,8 +206,13 @@ BUILTIN_SPECS = [
         package="pytorch-optimizer",
         **OPTIONAL,
         description="SOAP: Adam in the eigenbasis of Shampoo's preconditioner",
-        defaults={"lr": 3e-4, "betas": (0.95, 0.95), "eps": 1e-8, "weight_decay": 1e-6,
-                  "precondition_frequency": 10},
+        defaults={
+            "lr": 3e-4,
+            "betas": (0.95, 0.95),
+            "eps": 1e-8,
+            "weight_decay": 1e-6,
+            "precondition_frequency": 10,
+        },
         defaults_source="lr 3e-4: Adam scale (SOAP runs Adam in a rotated basis); betas (0.95, 0.95), "
         "precondition_frequency 10: SOAP paper (Vyas et al. 2024); eps 1e-8, weight_decay 1e-6: diffusers",
         hparam_names=ADAM_NAMES,

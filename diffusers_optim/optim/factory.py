@@ -35,20 +35,11 @@ def validate_generic(optimizer: str, values: dict[str, Any]) -> None:
     betas = values.get("betas")
     if betas is not None:
         if not isinstance(betas, (tuple, list)) or len(betas) not in (2, 3):
-            raise UserError(f"optimizer '{optimizer}': betas must be 2 or 3 numbers, e.g. (0.9,0.999); got {betas!r}")
+            raise UserError(
+                f"optimizer '{optimizer}': betas must be 2 or 3 numbers, e.g. (0.9,0.999); got {betas!r}"
+            )
         for beta in betas:
             _check_unit_interval("each of betas", optimizer, beta)
-
-
-def _take_generic_from_extras(generic: dict[str, Any], extras: dict[str, Any]) -> None:
-    """Generic names given through --optimizer_args count as if given as flags."""
-    for key in GENERIC_HPARAMS:
-        if key not in extras:
-            continue
-        value = extras.pop(key)
-        if generic[key] is not None and generic[key] != value:
-            raise UserError(f"{key} is given twice with different values ({generic[key]!r} and {value!r})")
-        generic[key] = tuple(value) if isinstance(value, list) else value
 
 
 def accepted_args(spec: OptimizerSpec) -> list[str] | None:
@@ -95,8 +86,6 @@ def resolved_hparams(
     generic = dict(lr=lr, weight_decay=weight_decay, betas=betas, momentum=momentum, eps=eps)
     if isinstance(generic["betas"], list):
         generic["betas"] = tuple(generic["betas"])
-    extras = dict(extras)
-    _take_generic_from_extras(generic, extras)
     _warn_ignored(spec, generic)
     validate_generic(spec.name, generic)
     kwargs = {k: v for k, v in spec.defaults.items() if k not in GENERIC_HPARAMS}

@@ -52,7 +52,9 @@ class OptimizerSpec:
     def __post_init__(self) -> None:
         unknown = set(self.hparam_names) - set(GENERIC_HPARAMS)
         if unknown:
-            raise ValueError(f"optimizer spec '{self.name}': unknown generic hyperparameters {sorted(unknown)}")
+            raise ValueError(
+                f"optimizer spec '{self.name}': unknown generic hyperparameters {sorted(unknown)}"
+            )
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
         object.__setattr__(self, "hparam_names", MappingProxyType(dict(self.hparam_names)))
 
@@ -146,7 +148,10 @@ def load_plugins() -> None:
         except Exception as err:  # noqa: BLE001 - third-party code may fail in any way
             logger.warning(
                 "optimizer plug-in '%s' (%s) was not loaded: %s: %s",
-                entry_point.name, entry_point.value, type(err).__name__, err,
+                entry_point.name,
+                entry_point.value,
+                type(err).__name__,
+                err,
             )
 
 
