@@ -1,0 +1,75 @@
+"""Smoke run of benchmarks/bench_trainer_overhead.py (a few tiny steps), so the benchmark does not rot."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusers_optim.errors import UserError
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_trainer_overhead.py"
+TINY = [
+    "--presets",
+    "tiny",
+    "--resolution",
+    "8",
+    "--batch_size",
+    "4",
+    "--logging_steps",
+    "2",
+    "--repeats",
+    "2",
+    "--warmup_steps",
+    "2",
+    "--threads",
+    "1",
+]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_trainer_overhead", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def keep_threads(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # the benchmark sets it process-wide
+
+
+def test_tiny_run_reports_both_throughputs_and_logs_through_the_trainer(bench, tmp_path, capsys):
+    assert bench.main([*TINY, "--json", "--output_dir", str(tmp_path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["settings"]["threads"] == 1 and report["settings"]["block_steps"] == 1
+    (result,) = report["results"]
+    assert result["preset"] == "tiny" and len(result["repeats"]) == 2
+    for key in (
+        "bare_images_per_sec",
+        "trainer_between_log_images_per_sec",
+        "trainer_amortized_images_per_sec",
+        "ratio_between_log",
+        "ratio_amortized",
+        "cpu_time_ratio_between_log",
+    ):
+        assert math.isfinite(result[key]) and result[key] > 0, key
+    # The Trainer really logged: 2 warm-up + 2 blocks of 2 steps, a log step every 2 steps.
+    records = [json.loads(line) for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6]
+    assert all("train/grad_norm" in r and "train/update_ratio" in r for r in records)
+    table = bench.format_table(report)
+    assert "tiny" in table and "set_num_threads(1)" in table and "ratio" in table
+
+
+def test_output_dir_holding_a_run_is_a_user_error(bench, tmp_path):
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "metrics.jsonl").write_text("")
+    with pytest.raises(UserError, match="already holds a run"):
+        bench.main([*TINY, "--output_dir", str(tmp_path)])
