@@ -42,6 +42,18 @@ def validate_generic(optimizer: str, values: dict[str, Any]) -> None:
             _check_unit_interval("each of betas", optimizer, beta)
 
 
+def _fill_betas(spec: OptimizerSpec, betas: Any) -> Any:
+    """(0.9, None) -> (0.9, the spec's beta2); a missing beta3 is the spec's too (AdEMAMix, CAME)."""
+    if not isinstance(betas, (tuple, list)):
+        return betas  # validate_generic explains what is wrong with it
+    if all(beta is None for beta in betas):
+        return None
+    betas, default = tuple(betas), spec.defaults.get("betas")
+    if default is not None and len(default) >= len(betas):
+        betas = tuple(d if b is None else b for b, d in zip(betas, default)) + tuple(default[len(betas) :])
+    return betas
+
+
 def accepted_args(spec: OptimizerSpec) -> list[str] | None:
     """Keyword arguments the optimizer takes (None: an opaque factory that takes anything)."""
     params = list(inspect.signature(spec.load_factory()).parameters.values())[1:]  # drop `params`
@@ -84,8 +96,7 @@ def resolved_hparams(
     """The keyword arguments the optimizer is built with, in its own names (None = the spec's default)."""
     spec = get_spec(name)
     generic = dict(lr=lr, weight_decay=weight_decay, betas=betas, momentum=momentum, eps=eps)
-    if isinstance(generic["betas"], list):
-        generic["betas"] = tuple(generic["betas"])
+    generic["betas"] = _fill_betas(spec, betas)
     _warn_ignored(spec, generic)
     validate_generic(spec.name, generic)
     kwargs = {k: v for k, v in spec.defaults.items() if k not in GENERIC_HPARAMS}

@@ -105,13 +105,23 @@ class OptimizerSpec:
 
 _REGISTRY: dict[str, OptimizerSpec] = {}
 _ALIASES: dict[str, str] = {}
+_builtins_loaded = False
 _plugins_loaded = False
+
+
+def _ensure_builtins() -> None:
+    """Register the built-in entries once (before any other registration, so theirs are the names taken)."""
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True
+        importlib.import_module("diffusers_optim.optim.builtin")
 
 
 def register_optimizer(spec: OptimizerSpec) -> OptimizerSpec:
     """Add a spec to the registry; a name or alias that is already taken is an error."""
     if not isinstance(spec, OptimizerSpec):
         raise TypeError(f"register_optimizer expects an OptimizerSpec, got {type(spec).__name__}")
+    _ensure_builtins()
     for key in (spec.name, *spec.aliases):
         if key in _REGISTRY or key in _ALIASES:
             owner = _ALIASES.get(key, key)
@@ -156,8 +166,7 @@ def load_plugins() -> None:
 
 
 def _ensure_loaded() -> None:
-    from diffusers_optim.optim import builtin  # noqa: F401 - registers the built-in entries on import
-
+    _ensure_builtins()
     load_plugins()
 
 

@@ -168,6 +168,25 @@ def test_defaults_fill_what_is_not_given() -> None:
     assert adafactor["warmup_init"] is False and adafactor["lr"] > 0
 
 
+def test_one_beta_keeps_the_other_defaults() -> None:
+    assert resolved_hparams("adamw", betas=(0.9, None))["betas"] == (0.9, 0.999)
+    assert resolved_hparams("adamw", betas=(None, None))["betas"] == get_spec("adamw").defaults["betas"]
+    pytest.importorskip("pytorch_optimizer")
+    assert resolved_hparams("ademamix", betas=(0.8, 0.99))["betas"] == (0.8, 0.99, 0.9999)
+    assert resolved_hparams("ademamix", betas=(None, 0.99))["betas"] == (0.9, 0.99, 0.9999)
+
+
+def test_register_before_lookup_keeps_builtin_names(monkeypatch) -> None:
+    monkeypatch.setattr(registry, "_REGISTRY", {})
+    monkeypatch.setattr(registry, "_ALIASES", {})
+    monkeypatch.setattr(registry, "_builtins_loaded", False)
+    monkeypatch.setattr(registry, "_plugins_loaded", True)
+    monkeypatch.delitem(sys.modules, "diffusers_optim.optim.builtin")
+    with pytest.raises(ValueError, match="already registered"):
+        register_optimizer(OptimizerSpec(name="sgd", factory=torch.optim.SGD, description="mine"))
+    assert get_spec("sgd").description != "mine"
+
+
 def test_extras_are_passed_and_parsed_generic_names_bind_as_flags() -> None:
     optimizer = create_optimizer(torch.nn.Linear(2, 2), "sgd", nesterov=True, momentum=0.5, lr=0.3)
     group = optimizer.param_groups[0]
@@ -194,7 +213,8 @@ def test_ignored_generic_flag_warns(caplog) -> None:
         ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
         ({"betas": (0.9, 1.0)}, r"betas must be in \[0, 1\)"),
         ({"betas": (-0.1, 0.9)}, r"betas must be in \[0, 1\)"),
-        ({"betas": (0.9,)}, "betas must be 2 or 3 numbers"),
+        ({"betas": (0.9, 0.9, 0.9, 0.9)}, "betas must be 2 or 3 numbers"),
+        ({"betas": 0.9}, "betas must be 2 or 3 numbers"),
         ({"momentum": 1.0}, r"momentum must be in \[0, 1\)"),
         ({"momentum": -0.5}, r"momentum must be in \[0, 1\)"),
         ({"nesterovv": True}, "does not take the hyperparameter 'nesterovv'. Did you mean 'nesterov'"),
