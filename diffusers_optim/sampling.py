@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 def step_seed(seed: int, step: int, micro: int) -> int:
@@ -74,7 +74,8 @@ def images_to_grid(images: torch.Tensor, upscale: int = 4) -> Image.Image:
     arrays = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     pil = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
     size = images.shape[-1] * upscale
-    pil = [im.resize((size, size), Image.NEAREST) for im in pil]
+    # a thin grey frame keeps dark-background samples (digits) from running into each other
+    pil = [ImageOps.expand(im.resize((size, size), Image.NEAREST), border=2, fill=96) for im in pil]
     cols = int(np.ceil(np.sqrt(len(pil))))
     rows = int(np.ceil(len(pil) / cols))
     pil += [Image.new(pil[0].mode, pil[0].size)] * (rows * cols - len(pil))
