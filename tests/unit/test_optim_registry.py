@@ -168,6 +168,15 @@ def test_defaults_fill_what_is_not_given() -> None:
     assert adafactor["warmup_init"] is False and adafactor["lr"] > 0
 
 
+@pytest.mark.parametrize("name", list_optimizers())
+def test_resolved_hparams_feed_back_unchanged(name: str) -> None:
+    """The trainer records resolved_hparams and builds from them: a second pass must not change them."""
+    if not get_spec(name).is_available():
+        pytest.skip(f"optimizer '{name}' needs the package '{get_spec(name).package}'")
+    hparams = resolved_hparams(name, lr=0.5, weight_decay=0.01)
+    assert resolved_hparams(name, **hparams) == hparams
+
+
 def test_one_beta_keeps_the_other_defaults() -> None:
     assert resolved_hparams("adamw", betas=(0.9, None))["betas"] == (0.9, 0.999)
     assert resolved_hparams("adamw", betas=(None, None))["betas"] == get_spec("adamw").defaults["betas"]
