@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from diffusers_optim.errors import UserError
+from diffusers_optim.errors import UserError, closest_match
 
 REPORT_TO = ("wandb", "tensorboard", "all", "none")
 SECRET_FIELDS = ("hub_token",)
@@ -138,11 +138,25 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
+def _literal_choices(tp: Any) -> tuple[Any, ...]:
+    """The allowed values of a Literal[...] field (through `| None`), else ()."""
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return sum((_literal_choices(a) for a in typing.get_args(tp)), ())
+    return ()
+
+
 def coerce_value(name: str, value: Any, tp: Any) -> Any:
     """Convert a value read from YAML/JSON (e.g. the string '1e-4') to the field's declared type."""
     if value is None:
         return None
     base = _base_type(tp)
+    choices = _literal_choices(tp)
+    if value is False and "no" in choices:  # YAML 1.1 reads `mixed_precision: no` as False
+        value = "no"
+    if choices and value not in choices:  # argparse never checks defaults (our file values) against choices
+        raise UserError(f"config key '{name}': {value!r} is not one of {', '.join(map(str, choices))}")
     try:
         if base is bool:
             if isinstance(value, str):
@@ -198,7 +212,21 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
             raise UserError("--config needs a file path")
         file_values = load_config_file(argv[i + 1])
         del argv[i : i + 2]
-    parser = HfArgumentParser(TrainConfig)
+    # No abbreviations: a typo that happens to be a prefix must not silently set another flag.
+    parser = HfArgumentParser(TrainConfig, allow_abbrev=False)
+    parser.error = _flag_error
     parser.set_defaults(**file_values)
-    (cfg,) = parser.parse_args_into_dataclasses(args=argv)
+    cfg, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        flag = next((a for a in unknown if a.startswith("-")), unknown[0]).split("=")[0]
+        hint = closest_match(flag.lstrip("-"), field_types())
+        did_you_mean = f" Did you mean --{hint}?" if hint else ""
+        raise UserError(f"unknown flag {flag}.{did_you_mean} (`diffusers-optim train --help` lists them)")
     return cfg
+
+
+def _flag_error(message: str) -> typing.NoReturn:
+    """argparse's error, as one line instead of the whole usage text."""
+    if message.endswith("expected one argument"):
+        message += " (write a value that starts with '-' as --flag=-1e-4)"
+    raise UserError(f"{message} (`diffusers-optim train --help` lists the flags)")
