@@ -25,7 +25,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from diffusers_optim import checkpoint as ckpt
-from diffusers_optim.config import TrainConfig, parse_train_args
+from diffusers_optim.config import SECRET_FIELDS, TrainConfig, parse_train_args
 from diffusers_optim.data import build_datasets
 from diffusers_optim.diffusion import (
     min_snr_weights,
@@ -71,8 +71,8 @@ class Trainer:
         check_resolution(load_unet_config(cfg.model_preset, cfg.model_config_name_or_path), cfg.resolution)
         self.hparams = build_hparams(cfg, self.spec)
         self.resume_path = check_output_dir(cfg, self.out)
+        self.repo_id = check_hub(cfg)  # before the data scan, which can take minutes on a large folder
         self.data = build_datasets(cfg, self.channels)
-        self.repo_id = check_hub(cfg)
         self.model = build_unet(cfg.model_preset, cfg.resolution, self.channels, cfg.init_seed,
                                 cfg.model_config_name_or_path)
         self.noise_scheduler = build_noise_scheduler(cfg.ddpm_num_steps, cfg.ddpm_beta_schedule, cfg.prediction_type)
@@ -142,15 +142,20 @@ class Trainer:
         """Noise a micro-batch, predict, and backpropagate the (optionally Min-SNR weighted) per-sample MSE."""
         clean = clean.to(self.accelerator.device, non_blocking=True)
         noise, timesteps = self.micro_batch_noise(clean, micro)
-        noisy = self.noise_scheduler.add_noise(clean, noise, timesteps)
-        pred = self.model(noisy, timesteps).sample
-        mse = per_sample_mse(pred, training_target(self.noise_scheduler, clean, noise, timesteps))
-        weights = min_snr_weights(self.noise_scheduler, timesteps, self.cfg.snr_gamma) if self.cfg.snr_gamma else None
-        loss = (mse * weights).mean() if weights is not None else mse.mean()
+        mse, loss = self.compute_loss(clean, noise, timesteps)
         self.accelerator.backward(loss)
         self.meter.update(mse, timesteps)
         self.interval["loss_sum"] += loss.detach().float() * mse.numel()
         self.interval["loss_count"] += mse.numel()
+
+    def compute_loss(self, clean: torch.Tensor, noise: torch.Tensor,
+                     timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample MSE of the prediction and the (optionally Min-SNR weighted) loss to backpropagate."""
+        noisy = self.noise_scheduler.add_noise(clean, noise, timesteps)
+        pred = self.model(noisy, timesteps).sample
+        mse = per_sample_mse(pred, training_target(self.noise_scheduler, clean, noise, timesteps))
+        weights = min_snr_weights(self.noise_scheduler, timesteps, self.cfg.snr_gamma) if self.cfg.snr_gamma else None
+        return mse, (mse * weights).mean() if weights is not None else mse.mean()
 
     def micro_batch_noise(self, clean: torch.Tensor, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Noise and timesteps drawn for the GLOBAL micro-batch from (seed, step, micro); this rank takes its slice."""
@@ -389,8 +394,9 @@ class Trainer:
         if acc.is_main_process:
             (self.out / "config.json").write_text(json.dumps(run_config, indent=2, default=str))
         tags = [self.spec.name, cfg.model_preset, self.data.name, cfg.prediction_type]
-        init_trackers(acc, self.trackers, cfg.tracker_project_name, self.out, self.tracker_config(run_config),
-                      self.run_name, cfg.run_group, tags, cfg.wandb_entity)
+        with redacted_sys_argv():  # W&B saves the command line in its run metadata
+            init_trackers(acc, self.trackers, cfg.tracker_project_name, self.out, self.tracker_config(run_config),
+                          self.run_name, cfg.run_group, tags, cfg.wandb_entity)
         self._reset_interval()
 
     def tracker_config(self, run_config: dict[str, Any]) -> dict[str, Any]:
@@ -406,12 +412,13 @@ class Trainer:
             "optimizer": optimizer_record(self.spec, self.hparams),
             "run_name": self.run_name,
             "dataset": self.data.name,
+            "num_skipped_images": self.data.num_skipped,
             "num_processes": self.accelerator.num_processes,
             "max_train_steps": self.max_steps,
             "num_parameters": sum(p.numel() for p in self.model.parameters()),
             "mixed_precision": self.accelerator.mixed_precision,
             "versions": package_versions(),
-            "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
+            "command": " ".join([os.path.basename(sys.argv[0]), *redact_argv(sys.argv[1:])]),
         }
 
     def build_loader(self) -> torch.utils.data.DataLoader:
@@ -625,6 +632,32 @@ def write_summary(out: Path, steps: int, wall_time_s: float, nonfinite: int) -> 
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.replace(out / "run_summary.json")
     return summary
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """Command-line arguments with the values of secret flags (--hub_token X, --hub_token=X) hidden."""
+    secret_flags = {f"--{name}" for name in SECRET_FIELDS} | {f"--{name.replace('_', '-')}" for name in SECRET_FIELDS}
+    redacted, hide_next = [], False
+    for arg in argv:
+        flag, eq, _ = arg.partition("=")
+        if hide_next:
+            arg = "<redacted>"
+        elif flag in secret_flags and eq:
+            arg = f"{flag}=<redacted>"
+        hide_next = not hide_next and arg in secret_flags
+        redacted.append(arg)
+    return redacted
+
+
+@contextlib.contextmanager
+def redacted_sys_argv():
+    """sys.argv without secret values while a tracker starts, so no token reaches its saved metadata."""
+    saved = sys.argv
+    sys.argv = [*saved[:1], *redact_argv(saved[1:])]
+    try:
+        yield
+    finally:
+        sys.argv = saved
 
 
 def _is_digits(cfg: TrainConfig) -> bool:
