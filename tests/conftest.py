@@ -13,9 +13,28 @@ TRAIN_SCRIPT = ROOT / "train_scripts" / "train_unconditional.py"
 
 # Flags of a run that takes seconds on CPU: tiny UNet at 16x16 digits, no warmup, tiny validation and sampling.
 TINY_FLAGS = [
-    "--model_preset", "tiny", "--resolution", "16", "--train_batch_size", "8", "--lr_warmup_steps", "0",
-    "--num_validation_images", "8", "--num_inference_steps", "2", "--num_samples", "4", "--num_eval_samples", "8",
-    "--learning_rate", "1e-3", "--validation_steps", "0", "--sample_steps", "0",
+    "--model_preset",
+    "tiny",
+    "--resolution",
+    "16",
+    "--train_batch_size",
+    "8",
+    "--lr_warmup_steps",
+    "0",
+    "--num_validation_images",
+    "8",
+    "--num_inference_steps",
+    "2",
+    "--num_samples",
+    "4",
+    "--num_eval_samples",
+    "8",
+    "--learning_rate",
+    "1e-3",
+    "--validation_steps",
+    "0",
+    "--sample_steps",
+    "0",
 ]
 
 
@@ -31,8 +50,9 @@ def tiny_config(tmp_path):
     from diffusers_optim.config import parse_train_args
 
     def make(*extra: str, **overrides):
-        cfg = parse_train_args([*TINY_FLAGS, "--output_dir", str(tmp_path / "run"), "--max_train_steps", "4",
-                                *extra])
+        cfg = parse_train_args(
+            [*TINY_FLAGS, "--output_dir", str(tmp_path / "run"), "--max_train_steps", "4", *extra]
+        )
         for key, value in overrides.items():
             setattr(cfg, key, value)
         return cfg
@@ -43,9 +63,15 @@ def tiny_config(tmp_path):
 @pytest.fixture
 def offline_env(monkeypatch, tmp_path) -> dict[str, str]:
     """An offline environment with no Hub or W&B login, for this process and for child processes."""
-    env = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false", "HF_HOME": str(tmp_path / "hf_home"),
-           "WANDB_DIR": str(tmp_path / "wandb_dir")}
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "WANDB_DIR": str(tmp_path / "wandb_dir"),
+    }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     for key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY"):
