@@ -113,6 +113,7 @@ class Trainer:
                     self.step += 1
                     bar.update(1)
                     self.after_step(bar)
+                    self.check_nonfinite()
                     if self.step == self.cfg.stop_after_steps and self.step < self.max_steps:
                         self.save_checkpoint()
                         bar.close()
@@ -121,6 +122,7 @@ class Trainer:
                         self.accelerator.end_training()
                         return {"status": "stopped", "steps": self.step}
             except (KeyboardInterrupt, TrainingStopped):
+                bar.close()  # so the error that follows starts on its own line
                 self.save_checkpoint()
                 raise
         bar.close()
@@ -199,9 +201,12 @@ class Trainer:
             self.nonfinite_streak = 0
             if self.ema is not None:
                 self.ema.step(self.model.parameters())
+
+    def check_nonfinite(self) -> None:
+        """Stop a diverged run once the step is complete, so its checkpoint, LR schedule and data position agree."""
         if self.nonfinite_streak >= self.cfg.max_nonfinite_steps:
             raise TrainingStopped(
-                f"{self.nonfinite_streak} non-finite steps in a row at step {self.step + 1}: the run diverged. "
+                f"{self.nonfinite_streak} non-finite steps in a row at step {self.step}: the run diverged. "
                 f"A checkpoint was saved; lower --learning_rate or set --max_grad_norm and resume.")
 
     def after_step(self, bar) -> None:
