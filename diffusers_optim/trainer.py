@@ -494,13 +494,13 @@ def build_hparams(cfg: TrainConfig, spec) -> dict[str, Any]:
     extras = parse_optimizer_args(cfg.optimizer_args) if cfg.optimizer_args else {}
     betas = None
     if cfg.adam_beta1 is not None or cfg.adam_beta2 is not None:
-        default = resolved_hparams(spec.name).get("betas") or (0.9, 0.999)
-        betas = (cfg.adam_beta1 if cfg.adam_beta1 is not None else default[0],
-                 cfg.adam_beta2 if cfg.adam_beta2 is not None else default[1])
+        betas = (cfg.adam_beta1, cfg.adam_beta2)  # the registry fills a missing one with the optimizer's default
     generic = dict(lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay, betas=betas,
                    momentum=cfg.momentum, eps=cfg.adam_epsilon)
     for key in generic:
-        if key in extras and generic[key] is None:
+        if key in extras:
+            if generic[key] is not None:
+                raise UserError(f"'{key}' is given twice: as a flag and in --optimizer_args; keep one")
             generic[key] = extras.pop(key)
     generic = {k: v for k, v in generic.items() if v is not None}
     return resolved_hparams(spec.name, **generic, **extras)
