@@ -67,8 +67,9 @@ def generate_images(unet, noise_scheduler, num_images: int, seed: int, num_infer
     return torch.cat(chunks)
 
 
-def images_to_grid(images: torch.Tensor, upscale: int = 4) -> Image.Image:
+def images_to_grid(images: torch.Tensor, upscale: int | None = None) -> Image.Image:
     """A near-square grid of images in [-1, 1], upscaled (nearest) so small samples stay visible."""
+    upscale = upscale or max(1, 64 // images.shape[-1])
     from diffusers.utils import make_image_grid
 
     arrays = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
