@@ -16,10 +16,12 @@ import argparse
 import json
 import logging
 import math
+import os
 import shlex
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -334,34 +336,47 @@ def last_lines(path: Path, count: int = 20) -> str:
 
 
 def execute(
-    runs: list[PlannedRun], root: Path, launcher: Launcher, accelerate_config: str | None
+    runs: list[PlannedRun],
+    root: Path,
+    launcher: Launcher,
+    accelerate_config: str | None,
+    num_parallel: int = 1,
 ) -> dict[str, str]:
-    """Train every run not already complete; a failure is recorded and the comparison goes on."""
+    """Train every run not already complete (num_parallel at a time); a failure is recorded and the rest go on."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
     failures_path = root / "failures.json"
     failures = read_json(failures_path)
-    progress = tqdm(runs, desc="runs", unit="run")
-    for run in progress:
-        progress.set_postfix_str(run.name)
+    lock = threading.Lock()
+    progress = tqdm(total=len(runs), desc="runs", unit="run")
+
+    def train_one(run: PlannedRun) -> None:
         state = run_state(run, root)
         if state == "complete":
             logger.info("reusing complete run %s", run.path)
-            failures.pop(run.name, None)
-            continue
-        cmd = trainer_command(run, root, accelerate_config)
-        if state == "resume":
-            cmd += ["--resume_from_checkpoint", "latest"]
-        elif state == "restart":
-            remove_run_dir(root / run.path)  # killed before its first checkpoint: nothing to keep
-        log_path = root / "logs" / f"{run.name}.log"
-        status = launcher(cmd, log_path)
-        if status == 0 and run_state(run, root) == "complete":
-            failures.pop(run.name, None)
         else:
-            failures[run.name] = f"exit status {status}\n{last_lines(log_path)}".strip()
-            logger.warning("run %s failed (exit status %s); see %s", run.name, status, log_path)
-        failures_path.write_text(json.dumps(failures, indent=2) + "\n")
+            cmd = trainer_command(run, root, accelerate_config)
+            if state == "resume":
+                cmd += ["--resume_from_checkpoint", "latest"]
+            elif state == "restart":
+                remove_run_dir(root / run.path)  # killed before its first checkpoint: nothing to keep
+            log_path = root / "logs" / f"{run.name}.log"
+            status = launcher(cmd, log_path)
+        with lock:
+            if state == "complete" or (status == 0 and run_state(run, root) == "complete"):
+                failures.pop(run.name, None)
+            else:
+                failures[run.name] = f"exit status {status}\n{last_lines(log_path)}".strip()
+                logger.warning("run %s failed (exit status %s); see %s", run.name, status, log_path)
+            failures_path.write_text(json.dumps(failures, indent=2) + "\n")
+            progress.set_postfix_str(run.name)
+            progress.update(1)
+
+    with ThreadPoolExecutor(max_workers=num_parallel) as pool:
+        list(pool.map(train_one, runs))  # list() re-raises the first exception of a worker
+    progress.close()
     return failures
 
 
@@ -429,6 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--run_group", default=None, help="W&B group of every run (default: the folder's name)."
     )
     parser.add_argument("--overwrite", action="store_true", help="Retrain run folders whose config differs.")
+    parser.add_argument(
+        "--num_parallel",
+        type=int,
+        default=1,
+        help="Runs trained at once (each gets cores/N threads); on GPUs pair it with CUDA_VISIBLE_DEVICES per run.",
+    )
     return parser
 
 
@@ -446,6 +467,7 @@ class Comparison:
     target: float | None
     overwrite: bool
     command: str
+    num_parallel: int = 1
 
 
 def parse_comparison(argv: list[str]) -> Comparison:
@@ -457,6 +479,8 @@ def parse_comparison(argv: list[str]) -> Comparison:
         raise UserError(f"accelerate config not found: {args.accelerate_config}")
     if args.accelerate_config and not TRAIN_SCRIPT.is_file():
         raise UserError(f"--accelerate_config needs {TRAIN_SCRIPT} (a source checkout of diffusers-optim)")
+    if args.num_parallel < 1:
+        raise UserError(f"--num_parallel must be at least 1 (got {args.num_parallel})")
     grid = parse_lr_grid(args.lr_grid)
     choices = resolve_choices(args.optimizers)
     common = [item for key, value in parse_passthrough(rest) for item in (f"--{key}", value)]
@@ -472,6 +496,7 @@ def parse_comparison(argv: list[str]) -> Comparison:
         target=args.target_val_loss,
         overwrite=args.overwrite,
         command=shlex.join(["diffusers-optim", "compare", *argv]),
+        num_parallel=args.num_parallel,
     )
 
 
@@ -498,7 +523,7 @@ def run_comparison(cmp: Comparison, launcher: Launcher = launch_subprocess) -> d
         ]
         write_plan(cmp.root, {**plan, "chosen_lr": None}, tune)
         check_reusable(tune, cmp.root, cmp.overwrite)
-        execute(tune, cmp.root, launcher, cmp.accelerate_config)
+        execute(tune, cmp.root, launcher, cmp.accelerate_config, cmp.num_parallel)
     chosen = choose_lrs(cmp.choices, tune, cmp.root) if cmp.grid else {c.label: c.lr for c in cmp.choices}
     final = [
         plan_run(c, chosen[c.label], s, "final", cmp.common, cmp.group)
@@ -508,7 +533,7 @@ def run_comparison(cmp: Comparison, launcher: Launcher = launch_subprocess) -> d
     write_plan(cmp.root, {**plan, "chosen_lr": chosen}, tune + final)
     check_reusable(final, cmp.root, cmp.overwrite)
     link_tuned_runs(final, tune, cmp.root)
-    execute(final, cmp.root, launcher, cmp.accelerate_config)
+    execute(final, cmp.root, launcher, cmp.accelerate_config, cmp.num_parallel)
     return summarize(cmp.root, cmp.target)
 
 
@@ -518,6 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     cmp = parse_comparison(argv)
+    if cmp.num_parallel > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # share the cores between the runs instead of letting each one oversubscribe them
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cmp.num_parallel))
     paths = run_comparison(cmp)
     for name, path in paths.items():
         logger.info("%-12s %s", name, path)
