@@ -697,6 +697,10 @@ def main(argv: list[str] | None = None) -> int:
         summary = trainer.train()
     except TrainingStopped as err:
         raise UserError(str(err)) from None
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the loop saved a checkpoint, a traceback would hide that
+        print(f"interrupted ({err or 'Ctrl-C'}) after step {trainer.step}: checkpoint saved in {trainer.out}; "
+              "continue with --resume_from_checkpoint latest", file=sys.stderr)
+        return 130
     if trainer.accelerator.is_main_process and summary.get("status") == "complete":
         final = summary.get("final", {})
         print(f"done: {trainer.step} steps, val/loss {final.get('val/loss', float('nan')):.4f}, output in {trainer.out}")
