@@ -12,6 +12,9 @@ from diffusers_optim import cli
 from diffusers_optim.checkpoint import list_checkpoints, read_trainer_state
 from diffusers_optim.trainer import Trainer, TrainingStopped
 
+# torch's warning when the very first optimizer step is the skipped one: expected here.
+pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`:UserWarning")
+
 
 @pytest.fixture(autouse=True)
 def _setup(offline_env):
