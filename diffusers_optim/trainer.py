@@ -88,6 +88,8 @@ class Trainer:
             self.ema.to(self.accelerator.device)
             register_ema_hooks(self.accelerator, self.ema)
         self.meter = BucketMeter(cfg.num_timestep_buckets, cfg.ddpm_num_steps, self.accelerator.device)
+        self.step_meter = BucketMeter(cfg.num_timestep_buckets, cfg.ddpm_num_steps, self.accelerator.device)
+        self._reset_step()
         self.metrics = MetricsLog(self.accelerator, self.out, self.trackers)
         self.quality = build_quality(cfg, self.data)
         self.validation_batch()  # frozen now: a validation set too small for the buckets fails before training
@@ -146,9 +148,11 @@ class Trainer:
         noise, timesteps = self.micro_batch_noise(clean, micro)
         mse, loss = self.compute_loss(clean, noise, timesteps)
         self.accelerator.backward(loss)
-        self.meter.update(mse, timesteps)
-        self.interval["loss_sum"] += loss.detach().float() * mse.numel()
-        self.interval["loss_count"] += mse.numel()
+        # step-local sums, merged into the interval only if the step is applied: a skipped non-finite step
+        # is counted in train/nonfinite_steps instead of turning the whole interval's curves into NaN
+        self.step_meter.update(mse, timesteps)
+        self.step_loss = self.step_loss + loss.detach().float() * mse.numel()
+        self.step_count += mse.numel()
 
     def compute_loss(self, clean: torch.Tensor, noise: torch.Tensor,
                      timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,11 +180,7 @@ class Trainer:
             if self.accelerator.scaler is not None:
                 self.accelerator.unscale_gradients()
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        norm = torch.as_tensor(norm, device=self.accelerator.device).float()
-        self.interval["grad_norm_sum"] += norm
-        if self.cfg.max_grad_norm > 0:
-            self.interval["clipped"] += (norm > self.cfg.max_grad_norm).float()
-        return norm
+        return torch.as_tensor(norm, device=self.accelerator.device).float()
 
     def optimizer_step(self, grad_norm: torch.Tensor) -> None:
         """Step unless the gradients are not finite: a bad step changes no weights and no optimizer state."""
@@ -196,11 +196,32 @@ class Trainer:
         self.lr_scheduler.step()
         if skipped:
             self.nonfinite_total += 1
-            self.nonfinite_streak += 1
+            # fp16 loss scaling skips a few steps by design while it calibrates; only a non-finite loss
+            # (not just overflowing fp16 gradients) counts towards stopping the run
+            if self.accelerator.scaler is None or not torch.isfinite(self.step_loss):
+                self.nonfinite_streak += 1
         else:
             self.nonfinite_streak = 0
+            self.add_step_to_interval(grad_norm)
             if self.ema is not None:
                 self.ema.step(self.model.parameters())
+        self._reset_step()
+
+    def add_step_to_interval(self, grad_norm: torch.Tensor) -> None:
+        """Fold an applied step's on-device sums into the logging interval (no host sync)."""
+        self.interval["loss_sum"] += self.step_loss
+        self.interval["loss_count"] += self.step_count
+        self.interval["steps"] += 1
+        self.interval["grad_norm_sum"] += grad_norm
+        if self.cfg.max_grad_norm > 0:
+            self.interval["clipped"] += (grad_norm > self.cfg.max_grad_norm).float()
+        self.meter.sums += self.step_meter.sums
+        self.meter.counts += self.step_meter.counts
+
+    def _reset_step(self) -> None:
+        self.step_meter.reset()
+        self.step_loss = torch.zeros((), device=self.accelerator.device)
+        self.step_count = 0
 
     def check_nonfinite(self) -> None:
         """Stop a diverged run once the step is complete, so its checkpoint, LR schedule and data position agree."""
@@ -236,6 +257,7 @@ class Trainer:
     def reduce_interval(self) -> dict[str, float]:
         """All on-device sums of the interval, reduced across processes in ONE collective, then one host copy."""
         steps = self.step - self.interval["first_step"]
+        applied = self.interval["steps"]  # steps not skipped as non-finite (the same on every process)
         local = torch.cat([
             torch.stack([self.interval["loss_sum"], torch.as_tensor(float(self.interval["loss_count"]),
                          device=self.accelerator.device), self.interval["grad_norm_sum"], self.interval["clipped"]]),
@@ -247,8 +269,8 @@ class Trainer:
         images = steps * self.cfg.train_batch_size * self.cfg.gradient_accumulation_steps * world
         record = {
             "train/loss": total[0] / max(total[1], 1),
-            "train/grad_norm": total[2] / max(steps * world, 1),
-            "train/clipped_fraction": total[3] / max(steps * world, 1),
+            "train/grad_norm": total[2] / (applied * world) if applied else float("nan"),
+            "train/clipped_fraction": total[3] / (applied * world) if applied else float("nan"),
             "train/lr": self.lr_scheduler.get_last_lr()[0],
             "train/nonfinite_steps": self.nonfinite_total,
             "perf/images_per_sec": images / seconds,
@@ -284,7 +306,7 @@ class Trainer:
 
     def _reset_interval(self) -> None:
         device = self.accelerator.device
-        self.interval = {"first_step": self.step, "loss_sum": torch.zeros((), device=device), "loss_count": 0,
+        self.interval = {"first_step": self.step, "steps": 0, "loss_sum": torch.zeros((), device=device), "loss_count": 0,
                          "grad_norm_sum": torch.zeros((), device=device), "clipped": torch.zeros((), device=device)}
         self.meter.reset()
         self.t_interval_start = time.perf_counter()
@@ -574,13 +596,15 @@ def check_output_dir(cfg: TrainConfig, out: Path) -> Path | None:
     check_writable(out)
     if cfg.resume_from_checkpoint:
         path = ckpt.find_checkpoint(out, cfg.resume_from_checkpoint)
-        if path is None:
-            logger.info(f"no checkpoint in {out / 'checkpoints'}: starting from scratch", main_process_only=True)
-        return path
+        if path is not None:
+            return path
+        logger.warning(f"no checkpoint in {out / 'checkpoints'}: starting from scratch", main_process_only=True)
     existing = [name for name in RUN_ARTIFACTS if (out / name).exists()]
     if existing and not cfg.overwrite_output_dir:
-        raise UserError(f"output directory {out} already holds a run ({', '.join(existing)}); pass "
-                        f"--resume_from_checkpoint latest to continue it or --overwrite_output_dir to replace it")
+        hint = ("it has no complete checkpoint to resume from; pass --overwrite_output_dir to replace it"
+                if cfg.resume_from_checkpoint else
+                "pass --resume_from_checkpoint latest to continue it or --overwrite_output_dir to replace it")
+        raise UserError(f"output directory {out} already holds a run ({', '.join(existing)}); {hint}")
     return None
 
 

@@ -100,6 +100,10 @@ def test_nonfinite_step_changes_nothing_and_is_counted(tiny_config, monkeypatch)
         (5, 1),
     ]
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    # the skipped step (index 2, logged at step 4) does not turn its interval's curves into NaN
+    interval = next(r for r in lines if r["step"] == 4)
+    assert interval["train/loss"] is not None and interval["train/grad_norm"] is not None
+    assert sum(v for k, v in interval.items() if k.startswith("count_t/")) == 8  # only the applied step's batch
 
 
 def test_too_many_nonfinite_steps_stop_with_a_complete_checkpoint(tiny_config, monkeypatch):
