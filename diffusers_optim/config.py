@@ -42,7 +42,7 @@ class TrainConfig:
     cache_dir: str | None = field(default=None, metadata={"help": "Cache directory for hub data sets."})
 
     # ---- model and diffusion ---------------------------------------------------------------
-    model_preset: str = field(default="tiny", metadata={"help": "UNet2DModel size: tiny (tests), digits (CPU demo, --resolution 8), small, ddpm-cifar10, ddpm-256."})
+    model_preset: str = field(default="tiny", metadata={"help": "UNet2DModel size: tiny (CPU demo, tests), small, ddpm-cifar10, ddpm-256."})
     model_config_name_or_path: str | None = field(default=None, metadata={"help": "A UNet2DModel config (folder or JSON file); overrides --model_preset."})
     ddpm_num_steps: int = field(default=1000, metadata={"help": "Diffusion timesteps of the DDPMScheduler."})
     ddpm_beta_schedule: str = field(default="linear", metadata={"help": "linear, scaled_linear or squaredcos_cap_v2."})

@@ -13,7 +13,7 @@ from diffusers_optim.errors import UserError, unknown_choice
 
 # Each preset is a UNet2DModel config without sample_size/in/out channels (those follow the data).
 PRESETS: dict[str, dict[str, Any]] = {
-    # ~177k parameters (1 channel): tests and quick CPU checks.
+    # ~177k parameters (1 channel): tests and the CPU demo (digits at --resolution 8).
     "tiny": dict(
         block_out_channels=(16, 32),
         layers_per_block=1,
@@ -21,15 +21,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         norm_num_groups=8,
         attention_head_dim=8,
-    ),
-    # ~1.0M parameters: the CPU demo on 8x8 digits (--resolution 8), attention at 4x4.
-    "digits": dict(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-        attention_head_dim=16,
     ),
     # ~1.1M parameters: a quick GPU run, or a slow but real CPU one.
     "small": dict(

@@ -16,15 +16,6 @@ from diffusers_optim.optim import create_optimizer, get_spec, list_optimizers
 NUM_STEPS = 20
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny UNet runs ~10x faster on one thread when the two cores are shared with other tests."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A fixed noisy batch: 8 digits at 16x16 in [-1, 1], frozen noise and timesteps."""

@@ -30,15 +30,6 @@ REQUIRED = ["sgd", "adam", "adamw", "rmsprop", "adagrad", "adafactor", "lion", "
             "adamw_8bit", "muon", "soap", "came", "adopt", "ademamix"]  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny UNet runs ~10x faster on one thread when the two cores are shared with other tests."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture
 def tiny_unet() -> torch.nn.Module:
     return build_unet("tiny", 16, 1, init_seed=0)
