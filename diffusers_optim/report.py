@@ -382,7 +382,11 @@ def plot_curves(runs: list[Run], keys: list[str], path: Path, ylabel: str, log_y
 
 
 def plot_heatmap(summary: dict[str, Any], keys: list[str], path: Path) -> Path:
-    """Final validation loss (mean over seeds) by optimizer and timestep bucket, values annotated."""
+    """Final validation loss (mean over seeds) by optimizer and timestep bucket, values annotated.
+
+    Colour is the loss relative to the best optimizer in the same bucket: bucket losses differ by orders of
+    magnitude (heavy noise vs fine detail), so absolute colour would only show the buckets, not the optimizers.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -394,12 +398,14 @@ def plot_heatmap(summary: dict[str, Any], keys: list[str], path: Path) -> Path:
         [[row.get(k) if is_number(row.get(k)) else np.nan for k in keys] for row in summary["optimizers"]],
         dtype=float,
     )
+    with np.errstate(invalid="ignore", divide="ignore"):
+        relative = grid / np.nanmin(np.where(np.isfinite(grid), grid, np.nan), axis=0, keepdims=True)
     fig, ax = plt.subplots(figsize=(1.6 * len(keys) + 2.5, 0.6 * len(names) + 1.6))
-    image = ax.imshow(grid, cmap="viridis_r", aspect="auto")
+    image = ax.imshow(relative, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(keys)), [k.split("/", 1)[1] for k in keys])
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("timestep bucket")
-    finite = grid[np.isfinite(grid)]
+    finite = relative[np.isfinite(relative)]
     middle = float(np.median(finite)) if finite.size else 0.0
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
@@ -411,9 +417,9 @@ def plot_heatmap(summary: dict[str, Any], keys: list[str], path: Path) -> Path:
                 ha="center",
                 va="center",
                 fontsize=8,
-                color="white" if math.isfinite(grid[i, j]) and grid[i, j] > middle else "black",
+                color="white" if math.isfinite(relative[i, j]) and relative[i, j] < middle else "black",
             )
-    fig.colorbar(image, ax=ax, label="final val loss")
+    fig.colorbar(image, ax=ax, label="final val loss / best in bucket")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -469,6 +475,7 @@ def ranking_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         "val/loss",
         "train/loss",
         "eval/fd",
+        "confident",
         "steps to target",
         "s to target",
         "img/s",
@@ -495,6 +502,7 @@ def ranking_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 pm(r, "val/loss"),
                 pm(r, "train/loss"),
                 pm(r, "eval/fd"),
+                pm(r, "eval/confident_frac"),
                 *target,
                 pm(r, "perf/images_per_sec"),
                 pm(r, "perf/peak_memory_mb"),
