@@ -16,6 +16,7 @@ import logging
 import math
 import re
 import statistics
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -398,7 +399,8 @@ def plot_heatmap(summary: dict[str, Any], keys: list[str], path: Path) -> Path:
         [[row.get(k) if is_number(row.get(k)) else np.nan for k in keys] for row in summary["optimizers"]],
         dtype=float,
     )
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)  # a bucket where every run failed stays NaN
         relative = grid / np.nanmin(np.where(np.isfinite(grid), grid, np.nan), axis=0, keepdims=True)
     fig, ax = plt.subplots(figsize=(1.6 * len(keys) + 2.5, 0.6 * len(names) + 1.6))
     image = ax.imshow(relative, cmap="viridis", aspect="auto")
