@@ -148,3 +148,22 @@ def test_bf16_on_cpu_finishes_with_finite_losses(tmp_path):
     assert config["mixed_precision"] == "bf16"
     values = [v for r in lines for k, v in r.items() if k.startswith(("train/loss", "loss_t/", "val"))]
     assert values and all(v is not None and torch.isfinite(torch.tensor(v)) for v in values)
+
+
+@pytest.mark.slow
+def test_tensorboard_gets_the_same_scalars_and_the_grid(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard comes with the 'reports' extra")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    run_script(["--max_train_steps", "4", "--logging_steps", "2", "--validation_steps", "2", "--sample_steps", "4",
+                "--eval_steps", "0", "--report_to", "tensorboard", "--output_dir", str(out)])
+    events = sorted((out / "logs").rglob("events.out.tfevents.*"))
+    tags: dict[str, list] = {"scalars": [], "images": []}
+    for path in events:
+        acc = EventAccumulator(str(path.parent), size_guidance={"images": 0})
+        acc.Reload()
+        for kind in tags:
+            tags[kind] += acc.Tags()[kind]
+    assert {*bucket_names("loss_t"), *bucket_names("val_t"), "train/grad_norm", "train/lr"} <= set(tags["scalars"])
+    assert "samples/grid" in tags["images"]
