@@ -572,7 +572,8 @@ def html_table(head: list[str], body: list[list[str]]) -> str:
         bad = any(c in ("FAILED", "INCOMPLETE", "MISSING", "PARTIAL") for c in row)
         cls = ' class="bad"' if bad else ""
         rows.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
-    return f"<table><thead><tr>{cells}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    table = f"<table><thead><tr>{cells}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    return f'<div class="scroll">{table}</div>'  # wide bucket tables scroll instead of running off the page
 
 
 def embed_png(path: Path, alt: str) -> str:
@@ -587,7 +588,7 @@ table { border-collapse: collapse; font-size: 0.85em; margin: 1em 0; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
 th { background: #f0f0f0; } td:nth-child(2) { text-align: left; }
 tr.bad td { background: #fde8e8; color: #900; }
-img { max-width: 100%; } .grids { display: flex; flex-wrap: wrap; gap: 1em; }
+.scroll { overflow-x: auto; } img { max-width: 100%; } .grids { display: flex; flex-wrap: wrap; gap: 1em; }
 figure { margin: 0; text-align: center; } figure img { image-rendering: pixelated; width: 192px; }
 pre { background: #f6f6f6; padding: 1em; overflow-x: auto; white-space: pre-wrap; }
 """
