@@ -18,6 +18,8 @@ DIFFUSERS_SOURCE = (
     "lr 1e-4, betas (0.95, 0.999), eps 1e-8, weight_decay 1e-6: diffusers train_unconditional.py defaults"
 )
 OPTIONAL = {"extra": "optimizers"}
+# Lion paper (Chen et al. 2023): lr 3-10x smaller and weight decay 3-10x larger than AdamW's.
+LION_DEFAULTS = {"lr": 3e-5, "betas": (0.9, 0.99), "weight_decay": 1e-5}
 
 
 def d_times_lr(optimizer: torch.optim.Optimizer) -> float | None:
@@ -93,7 +95,7 @@ BUILTIN_SPECS = [
         package="lion-pytorch",
         **OPTIONAL,
         description="Lion (sign of an interpolated momentum; one state buffer), lion-pytorch",
-        defaults={"lr": 3e-5, "betas": (0.9, 0.99), "weight_decay": 1e-5},
+        defaults=LION_DEFAULTS,
         defaults_source="Lion paper (Chen et al. 2023): lr 3-10x smaller and weight decay 3-10x larger than "
         "AdamW's, so lr 3e-5 (AdamW 1e-4 / 3) and weight_decay 1e-5 (AdamW 1e-6 x 10); betas (0.9, 0.99): paper",
         hparam_names=NO_EPS_NAMES,
@@ -104,7 +106,7 @@ BUILTIN_SPECS = [
         package="bitsandbytes",
         **OPTIONAL,
         description="Lion with 8-bit blockwise-quantized momentum, bitsandbytes",
-        defaults={"lr": 3e-5, "betas": (0.9, 0.99), "weight_decay": 1e-5},
+        defaults=LION_DEFAULTS,
         defaults_source="as 'lion' (Lion paper advice relative to AdamW)",
         hparam_names=NO_EPS_NAMES,
     ),
@@ -114,7 +116,7 @@ BUILTIN_SPECS = [
         package="bitsandbytes",
         **OPTIONAL,
         description="Lion, bitsandbytes' 32-bit implementation (transformers' lion_32bit)",
-        defaults={"lr": 3e-5, "betas": (0.9, 0.99), "weight_decay": 1e-5},
+        defaults=LION_DEFAULTS,
         defaults_source="as 'lion' (Lion paper advice relative to AdamW)",
         hparam_names=NO_EPS_NAMES,
     ),
