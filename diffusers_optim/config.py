@@ -79,7 +79,7 @@ class TrainConfig:
     max_nonfinite_steps: int = field(default=10, metadata={"help": "Stop (with a checkpoint) after this many non-finite steps in a row."})
 
     # ---- logging, validation, samples ----------------------------------------------------------
-    output_dir: str = field(default="outputs/run", metadata={"help": "Where metrics, samples, checkpoints and the pipeline go."})
+    output_dir: str = field(default="outputs/run", metadata={"help": "Where metrics, samples, checkpoints and the pipeline go; '{run_name}' is replaced by the run's name."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing into a non-empty output directory that holds another run."})
     report_to: str = field(default="none", metadata={"help": "wandb, tensorboard, all or none (metrics.jsonl is always written)."})
     logger: str | None = field(default=None, metadata={"help": "Alias of --report_to (diffusers' flag name)."})

@@ -63,13 +63,16 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.out = Path(cfg.output_dir)
         self.trackers = resolve_trackers(cfg.report_to)
-        self.accelerator = build_accelerator(cfg)
         self.spec = get_spec(cfg.optimizer)
         self.channels = 1 if _is_digits(cfg) else 3
         check_resolution(load_unet_config(cfg.model_preset, cfg.model_config_name_or_path), cfg.resolution)
         self.hparams = build_hparams(cfg, self.spec)
+        self.run_name = cfg.run_name or f"{self.spec.name}-lr{self.hparams['lr']:g}-s{cfg.seed}"
+        # `{run_name}` in --output_dir gives every run of a sweep its own folder
+        cfg.output_dir = cfg.output_dir.replace("{run_name}", self.run_name)
+        self.out = Path(cfg.output_dir)
+        self.accelerator = build_accelerator(cfg)
         self.resume_path = check_output_dir(cfg, self.out)
         self.repo_id = check_hub(cfg)  # before the data scan, which can take minutes on a large folder
         self.data = build_datasets(cfg, self.channels)
@@ -93,7 +96,6 @@ class Trainer:
         self.metrics = MetricsLog(self.accelerator, self.out, self.trackers)
         self.quality = build_quality(cfg, self.data)
         self.validation_batch()  # frozen now: a validation set too small for the buckets fails before training
-        self.run_name = cfg.run_name or f"{self.spec.name}-lr{self.hparams['lr']:g}-s{cfg.seed}"
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
