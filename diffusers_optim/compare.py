@@ -29,6 +29,8 @@ from typing import Any
 
 from diffusers_optim.config import coerce_value, field_types
 from diffusers_optim.errors import UserError, unknown_choice
+from diffusers_optim.optim.args import split_top_level
+from diffusers_optim.report import last_value, print_ranking, read_json, read_metrics, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -83,23 +85,6 @@ class PlannedRun:
 # ---- parsing and validation (all before any run starts) ---------------------------------------
 
 
-def split_top_level(text: str) -> list[str]:
-    """Split on commas that are not inside brackets, so `betas=(0.9,0.99)` stays one item."""
-    items, depth, current = [], 0, ""
-    for char in text:
-        if char in "([":
-            depth += 1
-        elif char in ")]":
-            depth -= 1
-        if char == "," and depth == 0:
-            items.append(current)
-            current = ""
-        else:
-            current += char
-    items.append(current)
-    return [item.strip() for item in items]
-
-
 def parse_spec_text(text: str) -> tuple[str, dict[str, str]]:
     """`sgd:lr=0.01,momentum=0.9` -> ("sgd", {"lr": "0.01", "momentum": "0.9"}), syntax only."""
     name, _, rest = text.partition(":")
@@ -107,7 +92,7 @@ def parse_spec_text(text: str) -> tuple[str, dict[str, str]]:
         raise UserError(f"optimizer spec '{text}' has no name; expected name[:key=value,...]")
     args: dict[str, str] = {}
     if rest.strip():
-        for item in split_top_level(rest):
+        for item in split_top_level(rest, what=f"optimizer spec '{text}'"):
             key, eq, value = item.partition("=")
             if not eq or not key.strip() or not value.strip():
                 raise UserError(f"optimizer spec '{text}': '{item}' is not key=value")
@@ -265,13 +250,6 @@ def launch_subprocess(cmd: list[str], log_path: Path) -> int:
         return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
 def config_differences(run: PlannedRun, run_dir: Path) -> list[str]:
     """Planned flags whose value differs from the config the run folder was trained with."""
     saved = read_json(run_dir / "config.json").get("config", {})
@@ -387,8 +365,6 @@ def final_val_loss(run_dir: Path) -> float:
         return math.inf
     value = summary.get("final", {}).get("val/loss")
     if value is None:
-        from diffusers_optim.report import last_value, read_metrics
-
         value = last_value(read_metrics(run_dir / "metrics.jsonl"), "val/loss")
     return float(value) if value is not None and math.isfinite(value) else math.inf
 
@@ -502,8 +478,6 @@ def parse_comparison(argv: list[str]) -> Comparison:
 
 def run_comparison(cmp: Comparison, launcher: Launcher = launch_subprocess) -> dict[str, Path]:
     """Plan, (tune,) train every run, then write the summary and reports; returns the report paths."""
-    from diffusers_optim.report import summarize
-
     cmp.root.mkdir(parents=True, exist_ok=True)
     plan: dict[str, Any] = dict(
         command=cmp.command,
@@ -538,8 +512,6 @@ def run_comparison(cmp: Comparison, launcher: Launcher = launch_subprocess) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    from diffusers_optim.report import print_ranking
-
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     cmp = parse_comparison(argv)

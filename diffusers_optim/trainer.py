@@ -134,7 +134,7 @@ class Trainer:
 
     def train_step(self, batches) -> None:
         """One optimizer step: gradient_accumulation_steps micro-batches, clip, step (unless non-finite)."""
-        is_log_step = self._is_due(self.cfg.logging_steps)
+        is_log_step = self.is_log_step(self.step + 1)  # the step about to run
         for micro in range(self.cfg.gradient_accumulation_steps):
             with self.accelerator.accumulate(self.model):
                 self.forward_backward(next(batches), micro)
@@ -236,7 +236,7 @@ class Trainer:
         """Logging, validation, samples, quality metrics and checkpoints, each on its own interval."""
         record: dict[str, Any] = {}
         last = self.step == self.max_steps
-        log_step = self.step % self.cfg.logging_steps == 0 or last
+        log_step = self.is_log_step(self.step)
         if log_step:
             record.update(self.reduce_interval())
             bar.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['train/lr']:.2e}",
@@ -270,7 +270,7 @@ class Trainer:
         seconds = max(time.perf_counter() - self.t_interval_start, 1e-9)
         images = steps * self.cfg.train_batch_size * self.cfg.gradient_accumulation_steps * world
         record = {
-            "train/loss": total[0] / max(total[1], 1),
+            "train/loss": total[0] / total[1] if total[1] else float("nan"),
             "train/grad_norm": total[2] / (applied * world) if applied else float("nan"),
             "train/clipped_fraction": total[3] / (applied * world) if applied else float("nan"),
             "train/lr": self.lr_scheduler.get_last_lr()[0],
@@ -490,9 +490,10 @@ class Trainer:
     def _due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0
 
-    def _is_due(self, every: int) -> bool:
-        """Whether the step about to run (self.step + 1) is due."""
-        return every > 0 and ((self.step + 1) % every == 0 or self.step + 1 == self.max_steps)
+    def is_log_step(self, step: int) -> bool:
+        """Metrics are reduced and logged every logging_steps and at the last step."""
+        every = self.cfg.logging_steps
+        return (every > 0 and step % every == 0) or step == self.max_steps
 
 
 # ---- build helpers ---------------------------------------------------------------------------------------

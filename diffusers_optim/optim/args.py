@@ -13,8 +13,8 @@ from diffusers_optim.errors import UserError
 CONSTANTS = {"true": True, "false": False, "none": None, "null": None}
 
 
-def _split_top_level(text: str) -> list[str]:
-    """Split on commas that are not inside parentheses."""
+def split_top_level(text: str, what: str = "--optimizer_args") -> list[str]:
+    """Split on commas that are not inside parentheses, so `betas=(0.9,0.99)` stays one piece."""
     pieces, depth, start = [], 0, 0
     for i, char in enumerate(text):
         if char == "(":
@@ -22,12 +22,12 @@ def _split_top_level(text: str) -> list[str]:
         elif char == ")":
             depth -= 1
             if depth < 0:
-                raise UserError(f"--optimizer_args: unbalanced ')' in '{text}'")
+                raise UserError(f"{what}: unbalanced ')' in '{text}'")
         elif char == "," and depth == 0:
             pieces.append(text[start:i])
             start = i + 1
     if depth:
-        raise UserError(f"--optimizer_args: unbalanced '(' in '{text}'")
+        raise UserError(f"{what}: unbalanced '(' in '{text}'")
     pieces.append(text[start:])
     return pieces
 
@@ -37,7 +37,7 @@ def parse_value(text: str) -> Any:
     text = text.strip()
     if text.startswith("(") and text.endswith(")"):
         inner = text[1:-1].strip()
-        return tuple(parse_value(item) for item in _split_top_level(inner) if item.strip()) if inner else ()
+        return tuple(parse_value(item) for item in split_top_level(inner) if item.strip()) if inner else ()
     if text.lower() in CONSTANTS:
         return CONSTANTS[text.lower()]
     for cast in (int, float):
@@ -53,7 +53,7 @@ def parse_optimizer_args(text: str | None) -> dict[str, Any]:
     if text is None or not text.strip():
         return {}
     result: dict[str, Any] = {}
-    for piece in _split_top_level(text):
+    for piece in split_top_level(text):
         key, sep, value = piece.partition("=")
         key, value = key.strip(), value.strip()
         if not sep or not key.isidentifier() or not value:
