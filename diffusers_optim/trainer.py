@@ -85,6 +85,8 @@ class Trainer:
                                                self.max_steps, cfg.lr_num_cycles)
         self.ema = build_ema(cfg, self.model)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        if self.spec.needs_train_eval:  # schedule-free starts in eval mode and refuses to step until told
+            self.optimizer.train()
         # The LR schedule is stepped by hand once per optimizer step (prepare() would step it once per process).
         register_json_state(self.accelerator, "lr_scheduler.json", self.lr_scheduler)
         if self.ema is not None:
@@ -378,13 +380,13 @@ class Trainer:
         """model.eval(), and optimizer.eval() for optimizers whose spec demands it (schedule-free)."""
         self.model.eval()
         if self.spec.needs_train_eval:
-            self.optimizer.optimizer.eval()
+            self.optimizer.eval()  # AcceleratedOptimizer.eval() reaches through DeepSpeed's wrapper too
         try:
             yield
         finally:
             self.model.train()
             if self.spec.needs_train_eval:
-                self.optimizer.optimizer.train()
+                self.optimizer.train()
 
     @contextlib.contextmanager
     def sampling_weights(self):
