@@ -1,0 +1,144 @@
+"""Reading a comparison folder: run folders, their metrics.jsonl, and the numbers in them.
+
+Layout of a comparison folder (written by compare.py): plan.json, failures.json, runs/<run>/ (one training run
+each), tuning/<run>/ (the lr-grid trials).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+BUCKET_RE = re.compile(r"^(?:val_t|loss_t)/(\d+)-(\d+)$")
+
+
+@dataclass
+class Run:
+    """One training run of a comparison, as found on disk."""
+
+    name: str
+    path: Path
+    optimizer: str  # the label the comparison groups by (usually the registry name)
+    learning_rate: float | None
+    seed: int | None
+    status: str  # complete | incomplete | failed | missing
+    error: str | None = None
+    records: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file as a dict, or {} when it is absent or unreadable (a run killed mid-write)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl as a list of records; a torn last line (killed run) is skipped."""
+    records = []
+    if not path.is_file():
+        return records
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            logger.warning("skipping unreadable line in %s", path)
+    return records
+
+
+def load_run(path: Path, planned: dict[str, Any] | None = None, error: str | None = None) -> Run:
+    """Read one run folder; `planned` (from plan.json) names runs that never produced a folder."""
+    planned = planned or {}
+    config = read_json(path / "config.json")
+    summary = read_json(path / "run_summary.json")
+    train_cfg = config.get("config", {})
+    optimizer = (
+        planned.get("optimizer") or config.get("optimizer", {}).get("name") or train_cfg.get("optimizer")
+    )
+    if summary.get("status") == "complete":
+        status = "complete"
+    elif error:
+        status = "failed"
+    elif path.exists():
+        status = "incomplete"
+    else:
+        status = "missing"
+    return Run(
+        name=planned.get("name", path.name),
+        path=path,
+        optimizer=optimizer or path.name,
+        learning_rate=planned.get("learning_rate", train_cfg.get("learning_rate")),
+        seed=planned.get("seed", train_cfg.get("seed")),
+        status=status,
+        error=error,
+        records=read_metrics(path / "metrics.jsonl"),
+        summary=summary,
+        config=config,
+    )
+
+
+def load_comparison(root: Path, stage: str = "final") -> list[Run]:
+    """The runs of one stage ("final" or "tune") of a comparison folder, in plan order."""
+    root = Path(root)
+    plan = read_json(root / "plan.json")
+    failures = read_json(root / "failures.json")
+    planned = [r for r in plan.get("runs", []) if r.get("stage", "final") == stage]
+    if planned:
+        return [load_run(root / r["path"], r, failures.get(r["name"])) for r in planned]
+    folder = root / ("runs" if stage == "final" else "tuning")
+    dirs = sorted(p for p in folder.glob("*") if p.is_dir()) if folder.is_dir() else []
+    return [load_run(p, error=failures.get(p.name)) for p in dirs]
+
+
+def final_grid(run: Run) -> Path | None:
+    """The run's final sample grid: run_summary's sample_grid, else the last samples/step_*.png."""
+    named = run.summary.get("sample_grid")
+    if named and (run.path / named).is_file():
+        return run.path / named
+    grids = sorted((run.path / "samples").glob("step_*.png")) if (run.path / "samples").is_dir() else []
+    return grids[-1] if grids else None
+
+
+# ---- numbers from metrics.jsonl ----------------------------------------------------------------
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one metric; null (NaN) entries are kept as NaN so divergence shows."""
+    steps, values = [], []
+    for rec in records:
+        if key in rec:
+            value = rec[key]
+            steps.append(int(rec["step"]))
+            values.append(float(value) if is_number(value) else math.nan)
+    return steps, values
+
+
+def last_value(records: list[dict[str, Any]], key: str) -> float | None:
+    """The last logged value of a metric (NaN if it was non-finite), None if never logged."""
+    for rec in reversed(records):
+        if key in rec:
+            return float(rec[key]) if is_number(rec[key]) else math.nan
+    return None
+
+
+def bucket_keys(records: list[dict[str, Any]], prefix: str) -> list[str]:
+    """The timestep-bucket keys (`val_t/000-249`, ...) seen in the records, in timestep order."""
+    keys = {k for rec in records for k in rec if k.startswith(prefix + "/") and BUCKET_RE.match(k)}
+    return sorted(keys, key=lambda k: int(BUCKET_RE.match(k).group(1)))

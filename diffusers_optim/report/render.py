@@ -1,0 +1,344 @@
+"""The report: ONE list of sections, rendered to two formats (self-contained HTML, Markdown with PNG files).
+
+A section is a function `(ReportContext) -> Section | None` listed in SECTIONS; it returns its title and blocks
+(text, tables, figures it draws into ctx.figure_dir, sample grids, code). Adding a section to both reports is
+one function and one line in SECTIONS; the formatters know blocks, not sections.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from diffusers_optim.report import figures
+from diffusers_optim.report.reading import BUCKET_RE, Run, bucket_keys, final_grid
+from diffusers_optim.report.summary import SPIKE_FACTOR
+
+FIGURES_DIR = "report_files"
+TITLE = "Optimizer comparison"
+BAD_CELLS = ("FAILED", "INCOMPLETE", "MISSING", "PARTIAL")
+
+# ---- blocks --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Text:
+    text: str
+
+
+@dataclass
+class Table:
+    head: list[str]
+    body: list[list[str]]
+
+
+@dataclass
+class Image:
+    path: Path
+    alt: str
+
+
+@dataclass
+class Gallery:
+    items: list[tuple[str, Path | None]]  # (caption, image or None when the run has none)
+
+
+@dataclass
+class Code:
+    text: str
+
+
+Block = Text | Table | Image | Gallery | Code
+
+
+@dataclass
+class Section:
+    title: str | None  # None: no heading (the introduction)
+    blocks: list[Block] = field(default_factory=list)
+
+
+@dataclass
+class ReportContext:
+    """What a section may draw on: the summary, the final runs, and where its figures go."""
+
+    summary: dict[str, Any]
+    runs: list[Run]
+    figure_dir: Path
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        return [rec for run in self.runs for rec in run.records]
+
+
+# ---- numbers for people --------------------------------------------------------------------------
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def pm(row: dict[str, Any], key: str) -> str:
+    """`mean ± std` of an optimizer row's metric."""
+    std = row.get(key + "_std")
+    return fmt(row.get(key)) + (f" ± {std:.2g}" if isinstance(std, float) and math.isfinite(std) else "")
+
+
+def status_cell(status: str, ok: str = "ok") -> str:
+    return status.upper() if status != "complete" else ok
+
+
+# ---- tables --------------------------------------------------------------------------------------
+
+RANKING_HEAD = [
+    "rank", "optimizer", "lr", "runs ok", "val/loss", "train/loss", "eval/fd", "confident", "steps to target",
+    "s to target", "img/s", "peak MB", "state MB", "non-finite", "spikes", "clipped", "status",
+]  # fmt: skip
+
+
+def ranking_table(summary: dict[str, Any]) -> Table:
+    body = []
+    for r in summary["optimizers"]:
+        target = (
+            (fmt(r["target_step"]), fmt(r["target_seconds"]))
+            if r["target_step"] is not None
+            else (f"not reached ({r['target_reached']})", "-")
+        )
+        metrics = ["val/loss", "train/loss", "eval/fd", "eval/confident_frac"]
+        costs = ["perf/images_per_sec", "perf/peak_memory_mb", "optim/state_mb", "nonfinite_steps"]
+        body.append(
+            [
+                str(r["rank"]),
+                r["optimizer"],
+                fmt(r["learning_rate"]),
+                f"{r['runs_complete']}/{r['runs_total']}",
+                *[pm(r, k) for k in metrics],
+                *target,
+                *[pm(r, k) for k in [*costs, "loss_spikes", "clipped_fraction_mean"]],
+                status_cell(r["status"]),
+            ]
+        )
+    return Table(list(RANKING_HEAD), body)
+
+
+def runs_table(rows: list[dict[str, Any]]) -> Table:
+    head = ["run", "optimizer", "lr", "seed", "status", "steps", "val/loss", "train/loss", "steps to target", "error"]
+    body = [
+        [
+            r["run"],
+            r["optimizer"],
+            fmt(r["learning_rate"]),
+            fmt(r["seed"]),
+            status_cell(r["status"], ok="complete"),
+            fmt(r["steps"]),
+            fmt(r.get("val/loss")),
+            fmt(r.get("train/loss")),
+            fmt(r["target_step"]) if r["target_step"] is not None else "not reached",
+            (r["error"] or "").splitlines()[-1][:200] if r["error"] else "",
+        ]
+        for r in rows
+    ]
+    return Table(head, body)
+
+
+def bucket_table(summary: dict[str, Any]) -> Table:
+    rows = summary["optimizers"]
+    keys = list(dict.fromkeys(k for r in rows for k in r if BUCKET_RE.match(k) or k.startswith("eval/")))
+    keys = [k for k in keys if not k.endswith("_std")]
+    return Table(["optimizer", *keys], [[r["optimizer"], *[pm(r, k) for k in keys]] for r in rows])
+
+
+# ---- sections (the one list both formats render) ---------------------------------------------------
+
+
+def intro_section(ctx: ReportContext) -> Section:
+    s = ctx.summary
+    text = (
+        f"Target validation loss: {fmt(s['target_val_loss'])} ({s['target_rule']}). Ranked by final val/loss "
+        f"(mean over seeds), ties broken by eval/fd. Loss spike: train/loss > {SPIKE_FACTOR:g}x the median "
+        f"of all earlier values. ± is the sample standard deviation over seeds."
+    )
+    return Section(None, [Text(text)])
+
+
+def ranking_section(ctx: ReportContext) -> Section:
+    return Section("Ranking", [ranking_table(ctx.summary), bucket_table(ctx.summary)])
+
+
+def val_curves_section(ctx: ReportContext) -> Section:
+    keys = ["val/loss", *bucket_keys(ctx.records, "val_t")]
+    path = figures.plot_curves(ctx.runs, keys, ctx.figure_dir / "val_loss_by_bucket.png", "val loss")
+    return Section(
+        "Validation loss by timestep bucket",
+        [Text("Mean over seeds; the band spans the seeds' min and max."), Image(path, "validation loss by bucket")],
+    )
+
+
+def heatmap_section(ctx: ReportContext) -> Section:
+    keys = bucket_keys(ctx.records, "val_t") or ["val/loss"]
+    path = figures.plot_heatmap(ctx.summary, keys, ctx.figure_dir / "final_val_heatmap.png")
+    return Section("Final validation loss by timestep bucket", [Image(path, "heatmap")])
+
+
+def grad_lr_section(ctx: ReportContext) -> Section:
+    keys = ["train/grad_norm", "train/lr"]
+    path = figures.plot_curves(ctx.runs, keys, ctx.figure_dir / "grad_norm_lr.png", "")
+    return Section("Gradient norm and learning rate", [Image(path, "grad norm and lr")])
+
+
+def grids_section(ctx: ReportContext) -> Section:
+    items = [(f"{r.optimizer} lr={fmt(r.learning_rate)} seed={r.seed} [{r.status}]", final_grid(r)) for r in ctx.runs]
+    return Section("Final sample grids", [Gallery(items)])
+
+
+def runs_section(ctx: ReportContext) -> Section:
+    return Section("Runs", [runs_table(ctx.summary["runs"])])
+
+
+def tuning_section(ctx: ReportContext) -> Section | None:
+    tuning = ctx.summary["tuning"]
+    return Section("Learning-rate tuning", [runs_table(tuning)]) if tuning else None
+
+
+def reproduce_section(ctx: ReportContext) -> Section:
+    command = ctx.summary["command"] or "(no plan.json: this folder was not made by `diffusers-optim compare`)"
+    return Section("Reproduce", [Code(command)])
+
+
+SectionFn = Callable[[ReportContext], Section | None]
+SECTIONS: list[SectionFn] = [
+    intro_section,
+    ranking_section,
+    val_curves_section,
+    heatmap_section,
+    grad_lr_section,
+    grids_section,
+    runs_section,
+    tuning_section,
+    reproduce_section,
+]
+
+
+def build_document(ctx: ReportContext) -> list[Section]:
+    """Every section of the report, in order (a section with nothing to show returns None and is left out)."""
+    ctx.figure_dir.mkdir(parents=True, exist_ok=True)
+    return [s for s in (fn(ctx) for fn in SECTIONS) if s is not None]
+
+
+# ---- format 1: HTML (self-contained: CSS inline, images embedded) -------------------------------------
+
+CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
+h1 { border-bottom: 2px solid #444; } h2 { margin-top: 2em; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 1em 0; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
+th { background: #f0f0f0; } td:nth-child(2) { text-align: left; }
+tr.bad td { background: #fde8e8; color: #900; }
+.scroll { overflow-x: auto; } img { max-width: 100%; } .grids { display: flex; flex-wrap: wrap; gap: 1em; }
+figure { margin: 0; text-align: center; } figure img { image-rendering: pixelated; width: 192px; }
+pre { background: #f6f6f6; padding: 1em; overflow-x: auto; white-space: pre-wrap; }
+"""
+
+
+def embed_png(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def html_table(table: Table) -> str:
+    cells = "".join(f"<th>{html.escape(h)}</th>" for h in table.head)
+    rows = []
+    for row in table.body:
+        cls = ' class="bad"' if any(c in BAD_CELLS for c in row) else ""
+        rows.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
+    body = f"<table><thead><tr>{cells}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    return f'<div class="scroll">{body}</div>'  # wide bucket tables scroll instead of running off the page
+
+
+def html_block(block: Block) -> str:
+    if isinstance(block, Text):
+        return f"<p>{html.escape(block.text)}</p>"
+    if isinstance(block, Table):
+        return html_table(block)
+    if isinstance(block, Image):
+        return embed_png(block.path, block.alt)
+    if isinstance(block, Code):
+        return f"<pre>{html.escape(block.text)}</pre>"
+    figs = []
+    for caption, path in block.items:
+        img = embed_png(path, caption) if path else "<p><b>no sample grid</b></p>"
+        figs.append(f"<figure>{img}<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return "<div class='grids'>" + "".join(figs) + "</div>"
+
+
+def to_html(doc: list[Section], title: str = TITLE) -> str:
+    parts = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+    ]
+    for section in doc:
+        if section.title:
+            parts.append(f"<h2>{html.escape(section.title)}</h2>")
+        parts += [html_block(b) for b in section.blocks]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# ---- format 2: Markdown (PNG files beside it, sample grids copied in) ---------------------------------
+
+
+def md_table(table: Table) -> str:
+    lines = ["| " + " | ".join(table.head) + " |", "|" + "---|" * len(table.head)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in table.body]
+    return "\n".join(lines)
+
+
+def md_block(block: Block, base: Path, files: Path) -> str:
+    def rel(p: Path) -> str:
+        return p.relative_to(base).as_posix()
+
+    if isinstance(block, Text):
+        return block.text
+    if isinstance(block, Table):
+        return md_table(block)
+    if isinstance(block, Image):
+        return f"![{block.alt}]({rel(block.path)})"
+    if isinstance(block, Code):
+        return f"```\n{block.text}\n```"
+    lines = []
+    for caption, path in block.items:
+        if path is None:
+            lines.append(f"**no sample grid**: {caption}\n")
+            continue
+        copy = files / f"grid_{path.parent.parent.name}.png"  # named by its run folder (samples/ is inside)
+        shutil.copyfile(path, copy)
+        lines.append(f"![{caption}]({rel(copy)})  \n{caption}\n")
+    return "\n".join(lines)
+
+
+def to_markdown(doc: list[Section], base: Path, files: Path, title: str = TITLE) -> str:
+    lines = [f"# {title}", ""]
+    for section in doc:
+        if section.title:
+            lines += [f"## {section.title}", ""]
+        lines += [x for b in section.blocks for x in (md_block(b, base, files), "")]
+    return "\n".join(lines)
+
+
+def write_reports(summary: dict[str, Any], runs: list[Run], root: Path) -> tuple[Path, Path]:
+    """report.html and report.md of a comparison folder, from one document."""
+    ctx = ReportContext(summary, runs, root / FIGURES_DIR)
+    doc = build_document(ctx)
+    html_path, md_path = root / "report.html", root / "report.md"
+    html_path.write_text(to_html(doc))
+    md_path.write_text(to_markdown(doc, root, ctx.figure_dir))
+    return html_path, md_path
