@@ -73,6 +73,7 @@ class Trainer:
         cfg.output_dir = cfg.output_dir.replace("{run_name}", self.run_name)
         self.out = Path(cfg.output_dir)
         self.accelerator = build_accelerator(cfg)
+        check_device(self.spec, self.accelerator.device)
         self.resume_path = check_output_dir(cfg, self.out)
         self.repo_id = check_hub(cfg)  # before the data scan, which can take minutes on a large folder
         self.data = build_datasets(cfg, self.channels)
@@ -405,9 +406,11 @@ class Trainer:
     def save_checkpoint(self) -> None:
         state = {"step": self.step, "nonfinite_total": self.nonfinite_total, "run_name": self.run_name,
                  "elapsed_s": self.elapsed_before + time.perf_counter() - getattr(self, "t_start", time.perf_counter())}
-        with self.eval_mode():
-            path = ckpt.save_checkpoint(self.accelerator, self.out, self.step, state, self.cfg.checkpoints_total_limit,
-                                        model_config=dict(self.accelerator.unwrap_model(self.model).config))
+        # Saved in train mode: a schedule-free optimizer's eval()/train() swap is exact in maths but not in floats,
+        # so a checkpoint of the evaluation weights would not resume bit-for-bit. Samples and the final pipeline
+        # use the evaluation weights (sampling_weights).
+        path = ckpt.save_checkpoint(self.accelerator, self.out, self.step, state, self.cfg.checkpoints_total_limit,
+                                    model_config=dict(self.accelerator.unwrap_model(self.model).config))
         logger.info(f"saved checkpoint {path}", main_process_only=True)
 
     def start(self) -> None:
@@ -415,6 +418,8 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         if self.resume_path is not None:
             state = ckpt.load_checkpoint(acc, self.resume_path, dict(acc.unwrap_model(self.model).config))
+            if self.spec.needs_train_eval:  # a checkpoint saved in eval mode (older versions) resumes too
+                self.optimizer.train()
             self.step, self.nonfinite_total = state["step"], state.get("nonfinite_total", 0)
             self.elapsed_before = state.get("elapsed_s", 0.0)
             self.metrics.truncate_after(self.step)
@@ -585,6 +590,13 @@ def num_train_steps(cfg: TrainConfig, num_images: int, num_processes: int) -> in
         return cfg.max_train_steps
     per_step = cfg.train_batch_size * num_processes * cfg.gradient_accumulation_steps
     return max(1, math.ceil(cfg.num_epochs * num_images / per_step))
+
+
+def check_device(spec, device: torch.device) -> None:
+    """An optimizer whose kernels need CUDA fails here, before the data scan, naming what it needs."""
+    if spec.needs_cuda and device.type != "cuda":
+        raise UserError(f"optimizer '{spec.name}' needs a CUDA GPU ({spec.description}); this run is on "
+                        f"{device.type}. Pick another optimizer, e.g. adamw_8bit or adamw")
 
 
 def check_hub(cfg: TrainConfig) -> str | None:
