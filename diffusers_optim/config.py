@@ -59,8 +59,8 @@ class TrainConfig:
     adam_epsilon: float | None = field(default=None, metadata={"help": "eps; default: the optimizer's own."})
     momentum: float | None = field(default=None, metadata={"help": "Momentum for SGD/RMSProp-style optimizers; default: the optimizer's own."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this; 0 turns clipping off."})
-    lr_scheduler: str = field(default="cosine", metadata={"help": "constant, linear, cosine (+ warmup), or any diffusers get_scheduler name."})
-    lr_warmup_steps: int = field(default=50, metadata={"help": "Linear warmup steps."})
+    lr_scheduler: str | None = field(default=None, metadata={"help": "constant, linear, cosine (+ warmup), or any diffusers get_scheduler name; default: cosine, or constant for schedule-free optimizers (their authors use no decay)."})
+    lr_warmup_steps: int | None = field(default=None, metadata={"help": "Linear warmup steps; default: 10% of the run, at most 50."})
     lr_num_cycles: float = field(default=0.5, metadata={"help": "Cosine cycles (0.5 = decay to zero once)."})
 
     # ---- loop ----------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -13,9 +14,35 @@ from diffusers.optimization import SchedulerType, get_cosine_schedule_with_warmu
 
 from diffusers_optim.errors import UserError, unknown_choice
 
+logger = logging.getLogger(__name__)
+
 # piecewise_constant needs diffusers' step_rules string, which no flag carries.
 LR_SCHEDULERS = tuple(s.value for s in SchedulerType if s != SchedulerType.PIECEWISE_CONSTANT)
 CLOSED_FORMS = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+DEFAULT_LR_SCHEDULER = "cosine"
+DECAYING = ("linear", "cosine", "cosine_with_restarts", "polynomial")
+MAX_DEFAULT_WARMUP_STEPS = 50
+
+
+def default_warmup_steps(num_training_steps: int) -> int:
+    """10% of the run, at most 50 steps: a default that fits any run length (a 20-step trial warms up for 2)."""
+    return min(MAX_DEFAULT_WARMUP_STEPS, num_training_steps // 10)
+
+
+def resolve_lr_scheduler(name: str | None, schedule_free: bool) -> str:
+    """The schedule to use: the user's, else cosine, or constant for an optimizer that averages its iterates.
+
+    Schedule-free optimizers replace the decay by iterate averaging weighted by lr^2 (Defazio et al. 2024):
+    decaying the lr to 0 gives the last steps almost no weight, which is not the method its authors tested.
+    """
+    if name is None:
+        return "constant" if schedule_free else DEFAULT_LR_SCHEDULER
+    if schedule_free and name in DECAYING:
+        logger.warning(f"--lr_scheduler {name} decays the lr of a schedule-free optimizer; its authors use a "
+                       "constant lr after warmup (drop --lr_scheduler for that)")
+    return name
 
 
 def _check(name: str, num_warmup_steps: int, num_training_steps: int, choices: tuple[str, ...]) -> None:

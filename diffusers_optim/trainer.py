@@ -44,7 +44,7 @@ from diffusers_optim.optim import (
     resolved_hparams,
 )
 from diffusers_optim.sampling import BatchStream, generate_images, images_to_grid, step_seed
-from diffusers_optim.schedules import build_lr_scheduler
+from diffusers_optim.schedules import build_lr_scheduler, default_warmup_steps, resolve_lr_scheduler
 from diffusers_optim.tracking import MetricsLog, check_writable, init_trackers, resolve_trackers
 
 logger = get_logger(__name__)
@@ -82,6 +82,10 @@ class Trainer:
         self.noise_scheduler = build_noise_scheduler(cfg.ddpm_num_steps, cfg.ddpm_beta_schedule, cfg.prediction_type)
         self.optimizer = create_optimizer(self.model, self.spec.name, **self.hparams)
         self.max_steps = num_train_steps(cfg, len(self.data.train), self.accelerator.num_processes)
+        # resolved once, here, and recorded in config.json as used
+        cfg.lr_scheduler = resolve_lr_scheduler(cfg.lr_scheduler, self.spec.schedule_free)
+        if cfg.lr_warmup_steps is None:
+            cfg.lr_warmup_steps = default_warmup_steps(self.max_steps)
         self.lr_scheduler = build_lr_scheduler(cfg.lr_scheduler, self.optimizer, cfg.lr_warmup_steps,
                                                self.max_steps, cfg.lr_num_cycles)
         self.ema = build_ema(cfg, self.model)
@@ -636,7 +640,8 @@ def clear_previous_run(out: Path) -> None:
 
 
 def optimizer_record(spec, hparams: dict[str, Any]) -> dict[str, Any]:
-    flags = {k: getattr(spec, k) for k in ("needs_train_eval", "lr_is_multiplier") if hasattr(spec, k)}
+    flags = {k: getattr(spec, k) for k in ("needs_train_eval", "lr_is_multiplier", "schedule_free", "needs_cuda")
+             if hasattr(spec, k)}
     return {"name": spec.name, "hparams": {k: (list(v) if isinstance(v, tuple) else v) for k, v in hparams.items()},
             "package": getattr(spec, "package", None), "flags": flags,
             "description": getattr(spec, "description", "")}

@@ -164,6 +164,7 @@ BUILTIN_SPECS = [
         hparam_names=ADAM_NAMES,
         aliases=("schedule_free_adamw",),
         needs_train_eval=True,
+        schedule_free=True,
     ),
     OptimizerSpec(
         name="adamw_8bit",

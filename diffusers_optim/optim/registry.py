@@ -45,6 +45,7 @@ class OptimizerSpec:
     hparam_names: Mapping[str, str] = field(default_factory=dict)  # generic name -> the optimizer's argument
     aliases: tuple[str, ...] = ()
     needs_train_eval: bool = False  # schedule-free: optimizer.train()/.eval() around evaluation and saving
+    schedule_free: bool = False  # averages its iterates instead of decaying the lr: constant LR by default
     needs_cuda: bool = False  # its kernels run on CUDA only (torchao low-bit states): an error on CPU
     lr_is_multiplier: bool = False  # Prodigy-style: the optimizer finds the step size, lr ~1.0 scales it
     param_routing: ParamRouting | None = None  # Muon-style: which parameters go to which update rule

@@ -18,7 +18,7 @@ from diffusers_optim.optim.registry import OptimizerSpec, get_spec, list_optimiz
 
 logger = logging.getLogger(__name__)
 FLAGS = ("has_betas", "has_momentum", "has_eps", "has_weight_decay", "needs_train_eval", "lr_is_multiplier",
-         "needs_cuda")
+         "schedule_free", "needs_cuda")
 
 
 def state_bytes_per_param(name: str, resolution: int = 16) -> float:

@@ -72,6 +72,10 @@ def test_optimizer_trains_through_the_trainer_and_resumes_exactly(name: str, tmp
         assert math.isfinite(record["train/loss"]) and math.isfinite(record["val/loss"]), record
     assert sorted(p.name for p in (straight / "samples").glob("*.png")) == ["step_000003.png", "step_000006.png"]
     assert [measured(r) for r in records(split)] == [measured(r) for r in logged], "the resumed run logged other numbers"
+    # the default schedule: cosine decays to 0 at the end, schedule-free optimizers keep a constant lr
+    spec = get_spec(name)
+    peak = json.loads((straight / "config.json").read_text())["optimizer"]["hparams"]["lr"]
+    assert logged[-1]["train/lr"] == (peak if spec.schedule_free else 0.0)
     a, b = weights(straight), weights(split)
     init = build_unet("tiny", 8, 1, init_seed=0).state_dict()
     assert any(not torch.equal(a[k], init[k]) for k in a), f"{name}: six steps left the weights unchanged"

@@ -58,7 +58,9 @@ class FakeApi:
 
 
 def make_cfg(tmp_path, **overrides) -> TrainConfig:
-    return TrainConfig(output_dir=str(tmp_path / "lion-digits"), push_to_hub=True, **overrides)
+    """A config as the trainer records it: the schedule defaults resolved (a 500-step run: warmup 50)."""
+    resolved = {"lr_scheduler": "cosine", "lr_warmup_steps": 50, **overrides}
+    return TrainConfig(output_dir=str(tmp_path / "lion-digits"), push_to_hub=True, **resolved)
 
 
 def make_run(cfg: TrainConfig, **overrides) -> dict:

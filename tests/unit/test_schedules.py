@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from diffusers_optim.errors import UserError
-from diffusers_optim.schedules import LR_SCHEDULERS, build_lr_scheduler, lr_factor
+from diffusers_optim.schedules import (
+    LR_SCHEDULERS,
+    build_lr_scheduler,
+    default_warmup_steps,
+    lr_factor,
+    resolve_lr_scheduler,
+)
 
 LR = 0.01
 
@@ -85,3 +91,17 @@ def test_warmup_not_shorter_than_training_is_a_user_error(warmup, total):
 def test_negative_warmup_is_a_user_error():
     with pytest.raises(UserError, match="lr_warmup_steps"):
         lr_factor(0, "linear", -1, 10)
+
+
+@pytest.mark.parametrize("steps,expected", [(1, 0), (20, 2), (500, 50), (100_000, 50)])
+def test_default_warmup_fits_any_run_length(steps, expected):
+    assert default_warmup_steps(steps) == expected
+    build_lr_scheduler("cosine", torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR), expected, steps)
+
+
+def test_schedule_free_defaults_to_constant_and_warns_about_a_decay(caplog):
+    assert resolve_lr_scheduler(None, schedule_free=False) == "cosine"
+    assert resolve_lr_scheduler(None, schedule_free=True) == "constant"
+    assert resolve_lr_scheduler("linear", schedule_free=False) == "linear" and not caplog.records
+    assert resolve_lr_scheduler("cosine", schedule_free=True) == "cosine"
+    assert "decays the lr of a schedule-free optimizer" in caplog.text
