@@ -29,7 +29,8 @@ def run_main(main_fn, argv: list[str]) -> int:
     try:
         return int(main_fn(argv) or 0)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if not getattr(err, "quiet", False):  # quiet: the main process of a distributed run reports it
+            print(f"error: {err}", file=sys.stderr)
         return 2
 
 

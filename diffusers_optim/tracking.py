@@ -6,6 +6,7 @@ import json
 import math
 import netrc
 import os
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -159,8 +160,8 @@ def check_writable(output_dir: Path) -> None:
     """Fail early, in words, if the output folder cannot be created or written."""
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
+        # a probe file of its own: a fixed name is a race between two processes checking the same folder
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write_test-"):
+            pass
     except OSError as err:
         raise UserError(f"cannot write to output directory {output_dir}: {err.strerror or err}") from None

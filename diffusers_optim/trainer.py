@@ -33,6 +33,7 @@ from diffusers_optim.diffusion import (
     stratified_timesteps,
     training_target,
 )
+from diffusers_optim.distributed import decided_on_main
 from diffusers_optim.errors import UserError
 from diffusers_optim.metrics.buckets import BucketMeter, bucket_keys, bucket_means
 from diffusers_optim.models import build_noise_scheduler, build_unet, check_resolution, load_unet_config
@@ -74,8 +75,10 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.accelerator = build_accelerator(cfg)
         check_device(self.spec, self.accelerator.device)
-        self.resume_path = check_output_dir(cfg, self.out)
-        self.repo_id = check_hub(cfg)  # before the data scan, which can take minutes on a large folder
+        # decided on the main process, the others wait for its verdict (checks run by every process raced)
+        self.resume_path = decided_on_main(self.accelerator, lambda: check_output_dir(cfg, self.out))
+        # before the data scan, which can take minutes on a large folder
+        self.repo_id = decided_on_main(self.accelerator, lambda: check_hub(cfg))
         self.data = build_datasets(cfg, self.channels)
         self.model = build_unet(cfg.model_preset, cfg.resolution, self.channels, cfg.init_seed,
                                 cfg.model_config_name_or_path)
@@ -433,6 +436,7 @@ class Trainer:
         run_config = self.run_config()
         if acc.is_main_process:
             (self.out / "config.json").write_text(json.dumps(run_config, indent=2, default=str))
+        acc.wait_for_everyone()  # no process goes on while the main one is still clearing the old run
         tags = [self.spec.name, cfg.model_preset, self.data.name, cfg.prediction_type]
         with redacted_sys_argv():  # W&B saves the command line in its run metadata
             init_trackers(acc, self.trackers, cfg.tracker_project_name, self.out, self.tracker_config(run_config),
