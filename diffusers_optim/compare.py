@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffusers_optim.config import coerce_value, field_types
-from diffusers_optim.errors import UserError, unknown_choice
+from diffusers_optim.config import coerce_value, field_types, unknown_flag
+from diffusers_optim.errors import UserError
 from diffusers_optim.optim.args import split_top_level
 from diffusers_optim.report import last_value, print_ranking, read_json, read_metrics, summarize
 
@@ -191,7 +191,7 @@ def parse_passthrough(rest: list[str]) -> list[tuple[str, str]]:
             value = "true"
         i += 1
         if key != "config" and key not in types:
-            raise unknown_choice("training flag", f"--{key}", [f"--{k}" for k in types])
+            raise unknown_flag(f"--{key}", "training flag")
         if key in CONTROLLED_FLAGS:
             raise UserError(f"--{key} is set by the comparison for each run; it cannot be passed through")
         if key != "config":

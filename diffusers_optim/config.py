@@ -6,6 +6,7 @@ wherever that script has one, so its users feel at home.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import sys
@@ -21,6 +22,34 @@ from diffusers_optim.errors import UserError, closest_match
 
 REPORT_TO = ("wandb", "tensorboard", "all", "none")
 SECRET_FIELDS = ("hub_token",)
+
+# Flags users bring from diffusers' train_unconditional.py (or other trainers) that we name or count differently.
+# Spelling alone gets these wrong (--save_images_epochs looks like --num_epochs), so the hint says what they mean.
+FLAG_MEANINGS = {
+    "save_images_epochs": "sample grids are drawn every N optimizer steps: --sample_steps N",
+    "save_model_epochs": "checkpoints are saved every N optimizer steps: --checkpointing_steps N "
+    "(the pipeline is saved at the end)",
+    "eval_batch_size": "the sample grid's size is --num_samples N (quality metrics: --num_eval_samples N)",
+    "ddpm_num_inference_steps": "sampling steps are --num_inference_steps N",
+    "logging_dir": "tracker files go under --output_dir (OUTPUT_DIR/logs, OUTPUT_DIR/wandb)",
+    "local_rank": "`accelerate launch` sets the process rank; pass no rank flag",
+    "enable_xformers_memory_efficient_attention": "not supported: the UNet uses PyTorch's attention",
+    "lr": "--learning_rate",
+    "batch_size": "--train_batch_size (per process)",
+    "epochs": "--num_epochs",
+    "num_train_epochs": "--num_epochs",
+    "steps": "--max_train_steps",
+    "num_train_steps": "--max_train_steps",
+    "optim": "--optimizer",
+    "weight_decay": "--adam_weight_decay (applies to every optimizer that has weight decay)",
+    "warmup_steps": "--lr_warmup_steps",
+    "grad_clip": "--max_grad_norm",
+    "clip_grad_norm": "--max_grad_norm",
+    "save_steps": "--checkpointing_steps",
+    "image_size": "--resolution",
+    "ema": "--use_ema",
+    "wandb": "--report_to wandb",
+}
 
 
 @dataclass
@@ -100,7 +129,7 @@ class TrainConfig:
     # ---- checkpoints ---------------------------------------------------------------------------
     checkpointing_steps: int = field(default=0, metadata={"help": "Save a resumable checkpoint every N steps (0: off)."})
     checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep at most this many checkpoints."})
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint folder, or 'latest'."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint folder; 'latest' (the output folder must exist); or 'auto' (resume if there is a checkpoint, else start)."})
 
     # ---- hub -----------------------------------------------------------------------------------
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the pipeline and a model card at the end."})
@@ -213,16 +242,45 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
         file_values = load_config_file(argv[i + 1])
         del argv[i : i + 2]
     # No abbreviations: a typo that happens to be a prefix must not silently set another flag.
-    parser = HfArgumentParser(TrainConfig, allow_abbrev=False)
+    parser = HfArgumentParser(TrainConfig, allow_abbrev=False, prog=program_name(),
+                              formatter_class=DefaultsOnceFormatter)
     parser.error = _flag_error
     parser.set_defaults(**file_values)
     cfg, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
-        flag = next((a for a in unknown if a.startswith("-")), unknown[0]).split("=")[0]
-        hint = closest_match(flag.lstrip("-"), field_types())
-        did_you_mean = f" Did you mean --{hint}?" if hint else ""
-        raise UserError(f"unknown flag {flag}.{did_you_mean} (`diffusers-optim train --help` lists them)")
+        raise unknown_flag(next((a for a in unknown if a.startswith("-")), unknown[0]).split("=")[0])
     return cfg
+
+
+class DefaultsOnceFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)", but not when the help text already states the default or it is None."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is argparse.SUPPRESS or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
+def program_name() -> str:
+    """`--help`'s usage line: the script's own name when run as the script, else the CLI command."""
+    script = Path(sys.argv[0]).name
+    return script if script.startswith("train_") and script.endswith(".py") else "diffusers-optim train"
+
+
+def flag_hint(name: str) -> str:
+    """What an unknown flag most likely means: its meaning when we know it, else the closest spelling."""
+    key = name.lstrip("-").replace("-", "_")
+    if key in FLAG_MEANINGS:
+        meaning = FLAG_MEANINGS[key]
+        return f" Did you mean {meaning}?" if meaning.startswith("--") else f" In diffusers-optim, {meaning}."
+    hint = closest_match(key, field_types())
+    return f" Did you mean --{hint}?" if hint else ""
+
+
+def unknown_flag(flag: str, what: str = "flag") -> UserError:
+    """The one-line error for an unknown training flag (or config key), with a hint that considers meaning."""
+    return UserError(f"unknown {what} {flag}.{flag_hint(flag)} (`diffusers-optim train --help` lists the flags)")
 
 
 def _flag_error(message: str) -> typing.NoReturn:

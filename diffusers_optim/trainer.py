@@ -44,6 +44,8 @@ from diffusers_optim.optim import (
     parse_optimizer_args,
     resolved_hparams,
 )
+from diffusers_optim.optim.groups import group_lrs, routing_keys
+from diffusers_optim.progress import RunStatus, setup_console_logging
 from diffusers_optim.sampling import BatchStream, generate_images, images_to_grid, step_seed
 from diffusers_optim.schedules import build_lr_scheduler, default_warmup_steps, resolve_lr_scheduler
 from diffusers_optim.tracking import MetricsLog, check_writable, init_trackers, resolve_trackers
@@ -84,6 +86,7 @@ class Trainer:
                                 cfg.model_config_name_or_path)
         self.noise_scheduler = build_noise_scheduler(cfg.ddpm_num_steps, cfg.ddpm_beta_schedule, cfg.prediction_type)
         self.optimizer = create_optimizer(self.model, self.spec.name, **self.hparams)
+        self.routing_keys = routing_keys(self.model, self.spec.param_routing)  # to log each routed group's lr
         self.max_steps = num_train_steps(cfg, len(self.data.train), self.accelerator.num_processes)
         # resolved once, here, and recorded in config.json as used
         cfg.lr_scheduler = resolve_lr_scheduler(cfg.lr_scheduler, self.spec.schedule_free)
@@ -106,6 +109,8 @@ class Trainer:
         self.metrics = MetricsLog(self.accelerator, self.out, self.trackers)
         self.quality = build_quality(cfg, self.data)
         self.validation_batch()  # frozen now: a validation set too small for the buckets fails before training
+        # status.json for onlookers (a comparison's live view); written from start(), after every check passed
+        self.status = RunStatus(self.out, self.run_name, self.max_steps, self.accelerator.is_main_process)
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
@@ -116,6 +121,7 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Run to max_train_steps (resuming if asked) and save the pipeline; returns the run summary."""
         self.start()
+        self.status.start_training(self.step)
         batches = iter(self.build_loader())
         bar = tqdm(total=self.max_steps, initial=self.step, desc=self.run_name, dynamic_ncols=True,
                    disable=not self.accelerator.is_local_main_process)
@@ -251,6 +257,8 @@ class Trainer:
             record.update(self.reduce_interval())
             bar.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['train/lr']:.2e}",
                             img_s=f"{record['perf/images_per_sec']:.0f}")
+            self.status.update(step=self.step, loss=record["train/loss"], lr=record["train/lr"],
+                               images_per_sec=record["perf/images_per_sec"])
         if self._due(self.cfg.validation_steps) or last:
             record.update(self.validate())
         if self._due(self.cfg.eval_steps) or (last and self.quality is not None):
@@ -283,7 +291,8 @@ class Trainer:
             "train/loss": total[0] / total[1] if total[1] else float("nan"),
             "train/grad_norm": total[2] / (applied * world) if applied else float("nan"),
             "train/clipped_fraction": total[3] / (applied * world) if applied else float("nan"),
-            "train/lr": self.lr_scheduler.get_last_lr()[0],
+            **group_lrs(self.optimizer.param_groups, self.lr_scheduler.get_last_lr(), self.hparams["lr"],
+                        self.routing_keys),
             "train/nonfinite_steps": self.nonfinite_total,
             "perf/images_per_sec": images / seconds,
             "perf/peak_memory_mb": peak_memory_mb(self.accelerator.device),
@@ -362,17 +371,21 @@ class Trainer:
             return {}
         result: dict[str, float] = {}
         if self.accelerator.is_main_process:
-            with self.sampling_weights() as unet:
-                samples = generate_images(unet, self.noise_scheduler, self.cfg.num_eval_samples, SAMPLE_SEED + 1,
-                                          self.cfg.num_inference_steps, self.accelerator)
-            result = self.quality.evaluate(samples)
+            detail = f"{self.cfg.num_eval_samples} samples x {self.cfg.num_inference_steps} DDPM steps"
+            with self.status.phase("quality evaluation", detail, self.step):
+                with self.sampling_weights() as unet:
+                    samples = generate_images(unet, self.noise_scheduler, self.cfg.num_eval_samples,
+                                              SAMPLE_SEED + 1, self.cfg.num_inference_steps, self.accelerator)
+                result = self.quality.evaluate(samples)
         self.accelerator.wait_for_everyone()
         return result
 
     def sample_grid(self) -> None:
         """The fixed-seed sample grid (EMA weights when EMA is on), saved as PNG and sent to the trackers."""
         if self.accelerator.is_main_process:
-            with self.sampling_weights() as unet:
+            name = "final sampling" if self.step == self.max_steps else "sampling"
+            detail = f"{self.cfg.num_samples} images x {self.cfg.num_inference_steps} DDPM steps"
+            with self.status.phase(name, detail, self.step), self.sampling_weights() as unet:
                 samples = generate_images(unet, self.noise_scheduler, self.cfg.num_samples, SAMPLE_SEED,
                                           self.cfg.num_inference_steps, self.accelerator)
             grid = images_to_grid(samples)
@@ -416,9 +429,10 @@ class Trainer:
         # Saved in train mode: a schedule-free optimizer's eval()/train() swap is exact in maths but not in floats,
         # so a checkpoint of the evaluation weights would not resume bit-for-bit. Samples and the final pipeline
         # use the evaluation weights (sampling_weights).
-        path = ckpt.save_checkpoint(self.accelerator, self.out, self.step, state, self.cfg.checkpoints_total_limit,
-                                    model_config=dict(self.accelerator.unwrap_model(self.model).config))
-        logger.info(f"saved checkpoint {path}", main_process_only=True)
+        where = self.out / ckpt.CHECKPOINTS_DIR / ckpt.checkpoint_name(self.step)
+        with self.status.phase("checkpoint writing", str(where), self.step):
+            ckpt.save_checkpoint(self.accelerator, self.out, self.step, state, self.cfg.checkpoints_total_limit,
+                                 model_config=dict(self.accelerator.unwrap_model(self.model).config))
 
     def start(self) -> None:
         """Write the run config, start trackers, and resume from a checkpoint if asked."""
@@ -479,7 +493,7 @@ class Trainer:
         acc.wait_for_everyone()
         summary: dict[str, Any] = {}
         if acc.is_main_process:
-            with self.sampling_weights() as unet:
+            with self.status.phase("pipeline writing", f"DDPMPipeline in {self.out}"), self.sampling_weights() as unet:
                 save_pipeline(unet, self.noise_scheduler, self.out)
             summary = write_summary(self.out, self.step, self.elapsed_before + time.perf_counter() - self.t_start,
                                     self.nonfinite_total)
@@ -487,9 +501,11 @@ class Trainer:
                 from diffusers_optim import hub
 
                 card = hub.build_model_card(self.card_info(summary))
-                url = hub.push_run(self.out, self.repo_id, card, token=self.cfg.hub_token,
-                                   sample_grid=summary.get("sample_grid"))
+                with self.status.phase("Hub upload", f"{self.out} to {self.repo_id}"):
+                    url = hub.push_run(self.out, self.repo_id, card, token=self.cfg.hub_token,
+                                       sample_grid=summary.get("sample_grid"))
                 logger.info(f"uploaded to {url}", main_process_only=True)
+            self.status.update(phase="done")
         acc.wait_for_everyone()
         acc.end_training()
         return summary
@@ -618,12 +634,20 @@ def check_hub(cfg: TrainConfig) -> str | None:
 
 def check_output_dir(cfg: TrainConfig, out: Path) -> Path | None:
     """Never clobber a previous run by accident; returns the checkpoint to resume from, if any."""
+    resume = cfg.resume_from_checkpoint
+    if resume == "latest" and not out.is_dir():  # before check_writable creates it: a typo must not go unnoticed
+        raise UserError(f"--resume_from_checkpoint latest: {out} does not exist (a typo in --output_dir?); "
+                        "use --resume_from_checkpoint auto to resume when there is a checkpoint, else start")
     check_writable(out)
-    if cfg.resume_from_checkpoint:
-        path = ckpt.find_checkpoint(out, cfg.resume_from_checkpoint)
+    if resume:
+        path = ckpt.find_checkpoint(out, "latest" if resume == "auto" else resume)
         if path is not None:
             return path
-        logger.warning(f"no checkpoint in {out / 'checkpoints'}: starting from scratch", main_process_only=True)
+        if resume == "latest":
+            logger.warning(f"WARNING: --resume_from_checkpoint latest found no checkpoint in {out / 'checkpoints'}: "
+                           "training starts from step 0", main_process_only=True)
+        else:
+            logger.info(f"no checkpoint in {out / 'checkpoints'} yet: starting a new run", main_process_only=True)
     existing = [name for name in RUN_ARTIFACTS if (out / name).exists()]
     if existing and not cfg.overwrite_output_dir:
         hint = ("it has no complete checkpoint to resume from; pass --overwrite_output_dir to replace it"
@@ -741,6 +765,7 @@ def _main_thread() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """`diffusers-optim train` and train_scripts/train_unconditional.py."""
+    setup_console_logging()
     cfg = parse_train_args(argv)
     trainer = Trainer(cfg)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -24,6 +25,40 @@ def muon_routing(name: str, param: torch.Tensor) -> dict[str, Any]:
     """Hidden matrices and conv kernels (flattened to 2-D) go to Muon; the rest to its AdamW fallback."""
     is_io_layer = any(fnmatch.fnmatchcase(name, pattern) for pattern in MUON_ADAMW_PATTERNS)
     return {"use_muon": param.ndim >= 2 and not is_io_layer}
+
+
+# How routed groups are named in logged metrics (`train/lr/muon`, `train/lr/adamw`): (routing key, value) -> label.
+ROUTE_LABELS = {("use_muon", True): "muon", ("use_muon", False): "adamw"}
+
+
+def route_label(group: Mapping[str, Any], routing_keys: Iterable[str]) -> str:
+    """A routed parameter group's short name, from the keys its routing function set."""
+    parts = [ROUTE_LABELS.get((key, group.get(key)), f"{key}={group.get(key)}") for key in sorted(routing_keys)]
+    return "-".join(parts)
+
+
+def routing_keys(model_or_params: torch.nn.Module | Iterable, routing: ParamRouting | None) -> list[str]:
+    """The group keys a routing function sets (e.g. ["use_muon"]); [] without routing."""
+    if routing is None:
+        return []
+    return sorted({key for name, param in named_trainable_params(model_or_params) for key in routing(name, param)})
+
+
+def group_lrs(param_groups: list[Mapping[str, Any]], lrs: list[float], base_lr: float,
+              routing_keys: Iterable[str] = ()) -> dict[str, float]:
+    """`train/lr` from the groups the run's --learning_rate sets, and each routed group's own lr.
+
+    Muon's AdamW fallback comes first among its groups with its own lr (3e-4): the first group's lr would show
+    that instead of the Muon lr the run is named after.
+    """
+    initial = [group.get("initial_lr", group["lr"]) for group in param_groups]
+    main = next((i for i, lr in enumerate(initial) if math.isclose(lr, base_lr, rel_tol=1e-9)), 0)
+    record = {"train/lr": lrs[main]}
+    keys = list(routing_keys)
+    if keys:
+        for group, lr in zip(param_groups, lrs):
+            record.setdefault(f"train/lr/{route_label(group, keys)}", lr)
+    return record
 
 
 def named_trainable_params(model_or_params: torch.nn.Module | Iterable) -> list[tuple[str, torch.Tensor]]:
