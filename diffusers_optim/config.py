@@ -256,10 +256,10 @@ class DefaultsOnceFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """argparse's "(default: X)", but not when the help text already states the default or it is None."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
+        text = (action.help or "").replace("%", "%%")  # argparse %-formats help: "10% of the run" must stay text
         if action.default is None or action.default is argparse.SUPPRESS or "default" in text.lower():
             return text
-        return super()._get_help_string(action)
+        return text + " (default: %(default)s)"
 
 
 def program_name() -> str:
