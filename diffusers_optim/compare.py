@@ -29,8 +29,9 @@ from typing import Any
 
 from diffusers_optim.config import coerce_value, field_types, unknown_flag
 from diffusers_optim.errors import UserError
+from diffusers_optim.live import ProgressBoard, final_lines, live_view
 from diffusers_optim.optim.args import split_top_level
-from diffusers_optim.report import last_value, print_ranking, read_json, read_metrics, summarize
+from diffusers_optim.report import last_value, read_json, read_metrics, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -319,22 +320,26 @@ def execute(
     launcher: Launcher,
     accelerate_config: str | None,
     num_parallel: int = 1,
+    progress_every: float | None = None,
 ) -> dict[str, str]:
     """Train every run not already complete (num_parallel at a time); a failure is recorded and the rest go on."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from tqdm.auto import tqdm
-
     failures_path = root / "failures.json"
     failures = read_json(failures_path)
     lock = threading.Lock()
-    progress = tqdm(total=len(runs), desc="runs", unit="run")
+    stage = "tuning" if runs and runs[0].stage == "tune" else "runs"
+    board = ProgressBoard(root, [(r.name, r.path) for r in runs], stage)
+    logger.info("%s: %d to train, %d at a time; each run's full output goes to %s", stage, len(runs),
+                num_parallel, root / "logs" / "<run>.log")
 
     def train_one(run: PlannedRun) -> None:
         state = run_state(run, root)
         if state == "complete":
             logger.info("reusing complete run %s", run.path)
+            board.reused(run.name)
         else:
+            board.started(run.name)
             cmd = trainer_command(run, root, accelerate_config)
             if state == "resume":
                 cmd += ["--resume_from_checkpoint", "latest"]
@@ -343,18 +348,18 @@ def execute(
             log_path = root / "logs" / f"{run.name}.log"
             status = launcher(cmd, log_path)
         with lock:
-            if state == "complete" or (status == 0 and run_state(run, root) == "complete"):
+            ok = state == "complete" or (status == 0 and run_state(run, root) == "complete")
+            if ok:
                 failures.pop(run.name, None)
             else:
                 failures[run.name] = f"exit status {status}\n{last_lines(log_path)}".strip()
-                logger.warning("run %s failed (exit status %s); see %s", run.name, status, log_path)
+                logger.warning("run %s FAILED (exit status %s); see %s", run.name, status, log_path)
             failures_path.write_text(json.dumps(failures, indent=2) + "\n")
-            progress.set_postfix_str(run.name)
-            progress.update(1)
+        if state != "complete":
+            board.finished(run.name, ok)
 
-    with ThreadPoolExecutor(max_workers=num_parallel) as pool:
+    with live_view(board, progress_every), ThreadPoolExecutor(max_workers=num_parallel) as pool:
         list(pool.map(train_one, runs))  # list() re-raises the first exception of a worker
-    progress.close()
     return failures
 
 
@@ -426,6 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="Runs trained at once (each gets cores/N threads); on GPUs pair it with CUDA_VISIBLE_DEVICES per run.",
     )
+    parser.add_argument(
+        "--progress_every",
+        type=float,
+        default=None,
+        help="Seconds between progress updates (default: live on a terminal, a plain line every 30 s otherwise).",
+    )
     return parser
 
 
@@ -444,6 +455,7 @@ class Comparison:
     overwrite: bool
     command: str
     num_parallel: int = 1
+    progress_every: float | None = None
 
 
 def parse_comparison(argv: list[str]) -> Comparison:
@@ -457,6 +469,8 @@ def parse_comparison(argv: list[str]) -> Comparison:
         raise UserError(f"--accelerate_config needs {TRAIN_SCRIPT} (a source checkout of diffusers-optim)")
     if args.num_parallel < 1:
         raise UserError(f"--num_parallel must be at least 1 (got {args.num_parallel})")
+    if args.progress_every is not None and not args.progress_every > 0:
+        raise UserError(f"--progress_every must be a positive number of seconds (got {args.progress_every})")
     grid = parse_lr_grid(args.lr_grid)
     choices = resolve_choices(args.optimizers)
     common = [item for key, value in parse_passthrough(rest) for item in (f"--{key}", value)]
@@ -473,6 +487,7 @@ def parse_comparison(argv: list[str]) -> Comparison:
         overwrite=args.overwrite,
         command=shlex.join(["diffusers-optim", "compare", *argv]),
         num_parallel=args.num_parallel,
+        progress_every=args.progress_every,
     )
 
 
@@ -497,7 +512,7 @@ def run_comparison(cmp: Comparison, launcher: Launcher = launch_subprocess) -> d
         ]
         write_plan(cmp.root, {**plan, "chosen_lr": None}, tune)
         check_reusable(tune, cmp.root, cmp.overwrite)
-        execute(tune, cmp.root, launcher, cmp.accelerate_config, cmp.num_parallel)
+        execute(tune, cmp.root, launcher, cmp.accelerate_config, cmp.num_parallel, cmp.progress_every)
     chosen = choose_lrs(cmp.choices, tune, cmp.root) if cmp.grid else {c.label: c.lr for c in cmp.choices}
     final = [
         plan_run(c, chosen[c.label], s, "final", cmp.common, cmp.group)
@@ -507,7 +522,7 @@ def run_comparison(cmp: Comparison, launcher: Launcher = launch_subprocess) -> d
     write_plan(cmp.root, {**plan, "chosen_lr": chosen}, tune + final)
     check_reusable(final, cmp.root, cmp.overwrite)
     link_tuned_runs(final, tune, cmp.root)
-    execute(final, cmp.root, launcher, cmp.accelerate_config, cmp.num_parallel)
+    execute(final, cmp.root, launcher, cmp.accelerate_config, cmp.num_parallel, cmp.progress_every)
     return summarize(cmp.root, cmp.target)
 
 
@@ -519,7 +534,6 @@ def main(argv: list[str] | None = None) -> int:
         # share the cores between the runs instead of letting each one oversubscribe them
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cmp.num_parallel))
     paths = run_comparison(cmp)
-    for name, path in paths.items():
-        logger.info("%-12s %s", name, path)
-    logger.info("\n%s", print_ranking(cmp.root))
+    logger.info("summary: %s, %s", paths["summary_json"], paths["summary_csv"])
+    logger.info("\n%s", final_lines(read_json(paths["summary_json"]), paths["report_html"]))
     return 0

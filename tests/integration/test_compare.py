@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,19 +21,38 @@ TRAIN_FLAGS = [
 ]  # fmt: skip
 
 
-def compare(out: Path) -> subprocess.CompletedProcess:
-    argv = [
-        "--optimizers",
-        "adamw:lr=1e-3",
-        "sgd:lr=0.05,momentum=0.9",
-        "--seeds",
-        "0",
-        "--output_dir",
-        str(out),
-    ]
+OPTIMIZERS = ["--optimizers", "adamw:lr=1e-3", "sgd:lr=0.05,momentum=0.9", "--seeds", "0"]
+RUNS = ("adamw-lr0.001-s0", "sgd-lr0.05-s0")
+
+
+def compare(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """The CLI with stdout a pipe (as in CI or `> log`): progress comes as plain lines."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TQDM_DISABLE": "1"}
-    cmd = [sys.executable, "-m", "diffusers_optim.cli", "compare", *argv, *TRAIN_FLAGS]
+    cmd = [sys.executable, "-m", "diffusers_optim.cli", "compare", *OPTIMIZERS, "--output_dir", str(out),
+           *extra, *TRAIN_FLAGS]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def check_progress_lines(stdout: str, out: Path) -> None:
+    """Plain progress: where the logs go, periodic lines per run and overall, then the compact ranking."""
+    lines = stdout.splitlines()
+    assert f"each run's full output goes to {out / 'logs' / '<run>.log'}" in stdout
+    for run in RUNS:
+        assert f"started {run} (log: {out / 'logs' / (run + '.log')})" in lines
+        periodic = [line for line in lines if re.match(rf"\[[\dms. ]+\] {re.escape(run)}: step \d+/6, ", line)]
+        # e.g. "[41.2 s] sgd-lr0.05-s0: step 6/6, loss 0.9, 35 img/s, ETA 0.0 s, final sampling"
+        assert any(re.search(r"step \d/6, loss [\d.]+, \d+ img/s, ETA ", line) for line in periodic), stdout[-3000:]
+        assert any(re.match(rf"finished {re.escape(run)} in ", line) for line in lines)
+    assert any(re.match(r"\[.*\] runs: [012]/2 runs finished, [012] running, steps \d+/(12|\?), ETA ", line)
+               for line in lines)
+    # the compact ranking: two arms, their primary metric, and the report's path, no 17-column table
+    summary = json.loads((out / "summary.json").read_text())
+    tail = stdout[stdout.index("ranking by final val/loss"):].splitlines()
+    assert len(tail) == 4 and all(len(line) < 100 for line in tail), tail
+    for row, line in zip(summary["optimizers"], tail[1:3]):
+        assert line.split()[:3] == [str(row["rank"]), row["optimizer"], f"{row['val/loss']:.4g}"], line
+    assert tail[3] == f"report: {out / 'report.html'}"
+    assert "| rank |" not in stdout
 
 
 def last(path: Path, key: str) -> float:
@@ -42,11 +62,11 @@ def last(path: Path, key: str) -> float:
 
 def test_tiny_comparison_end_to_end(tmp_path: Path):
     out = tmp_path / "cmp"
-    result = compare(out)
+    result = compare(out, "--num_parallel", "2", "--progress_every", "0.2")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     for name in ["plan.json", "summary.json", "summary.csv", "report.html", "report.md"]:
         assert (out / name).is_file(), name
-    assert "| rank | optimizer |" in result.stdout and "report.html" in result.stdout
+    check_progress_lines(result.stdout, out)
 
     summary = json.loads((out / "summary.json").read_text())
     assert {r["status"] for r in summary["runs"]} == {"complete"}
@@ -70,3 +90,49 @@ def test_tiny_comparison_end_to_end(tmp_path: Path):
     assert again.stdout.count("reusing complete run") == 2
     assert {p: p.read_text() for p in logs} == logs and len(stamps) == 2
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def run_in_pty(cmd: list[str], env: dict[str, str], timeout: float = 300) -> tuple[int, str]:
+    """Run cmd with a pseudo-terminal as stdin/stdout/stderr (what a person's shell gives it); returns its output."""
+    import pty
+    import select
+    import time
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    chunks, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 1.0)
+        if ready:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    return proc.wait(timeout=30), b"".join(chunks).decode(errors="replace")
+
+
+def test_live_view_on_a_terminal(tmp_path: Path):
+    out = tmp_path / "cmp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TERM": "xterm-256color",
+           "COLUMNS": "110", "LINES": "40"}
+    env.pop("NO_COLOR", None)
+    cmd = [sys.executable, "-m", "diffusers_optim.cli", "compare", *OPTIMIZERS, "--output_dir", str(out),
+           "--num_parallel", "2", "--progress_every", "0.2", *TRAIN_FLAGS]
+    code, screen = run_in_pty(cmd, env)
+    assert code == 0, screen[-3000:]
+    assert "\x1b[2K" in screen and "\x1b[1A" in screen  # lines erased and redrawn in place, not appended
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen).replace("\r", "")
+    assert re.search(r"run\s+step\s+loss\s+img/s\s+ETA\s+phase", text), text[-3000:]
+    for run in RUNS:
+        rows = re.findall(rf"^{re.escape(run)}\s+(\d)/6\s+(\S+)\s+(\S+)\s+(\S+)", text, re.MULTILINE)
+        assert rows, text[-3000:]  # a live row: name, step/total, loss, img/s, ETA
+        assert any(loss != "-" and ips.isdigit() for _, loss, ips, _ in rows), rows
+    assert re.search(r"runs: [012]/2 runs finished, [012] running, steps \d+/(12|\?), ETA", text)
+    assert "ranking by final val/loss" in text and f"report: {out / 'report.html'}" in text
