@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusers_optim.report.reading import Run, is_number, series
+from diffusers_optim.report.style import ArmStyle, arm_style, arm_styles, sig, text_color_on
 
 DPI = 90
 
@@ -21,7 +22,8 @@ def new_figure(width: float, height: float):
 
 
 def save(fig, path: Path) -> Path:
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     return path
 
@@ -44,30 +46,55 @@ def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
     return groups
 
 
-def plot_curves(runs: list[Run], keys: list[str], path: Path, ylabel: str, log_y: bool = True) -> Path:
-    """One panel per key, one line per optimizer (mean over seeds) with a min-max band."""
+def plot_curves(runs: list[Run], keys: list[str], path: Path, ylabel: str, log_y: bool = True,
+                styles: dict[str, ArmStyle] | None = None) -> Path:
+    """One panel per key, one line per arm (mean over seeds) with a min-max band; one legend below the panels.
+
+    Each arm has its own colour, dashes and markers (style.py), so an arm whose curve lies exactly on another's
+    still shows; the legend sits outside the axes, where it cannot cover data.
+    """
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    groups = group_runs(runs)
+    styles = styles or arm_styles(list(groups))
     cols = min(len(keys), 3) or 1
     rows = max(1, math.ceil(len(keys) / cols))
-    fig = new_figure(4.2 * cols, 3.2 * rows)
+    fig = new_figure(4.2 * cols, 3.2 * rows + 0.35 * math.ceil(len(groups) / 4) + 0.3)
+    fig.set_layout_engine("constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, key in zip(axes.flat, keys):
-        for i, (name, group) in enumerate(group_runs(runs).items()):
+        for i, (name, group) in enumerate(groups.items()):
+            style = styles.get(name) or arm_style(i)
             steps, mean, lo, hi = aggregate(group, key)
-            color = f"C{i % 10}"
-            # an optimizer with no data still gets a legend entry, so it is not silently missing
-            ax.plot(steps, mean, color=color, label=name if steps else f"{name} (no data)")
+            # an arm with no data still gets a legend entry, so it is not silently missing
+            ax.plot(steps, mean, label=name if steps else f"{name} (no data)",
+                    **style.line_kwargs(list(styles).index(name) if name in styles else i, len(steps)))
             if len(group) > 1 and steps:
-                ax.fill_between(steps, lo, hi, color=color, alpha=0.2, linewidth=0)
+                ax.fill_between(steps, lo, hi, color=style.color, alpha=0.15, linewidth=0)
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
-        if log_y and any(line.get_ydata().size for line in ax.lines):
+        if log_y and has_positive(ax):
             ax.set_yscale("log", nonpositive="mask")  # lr decays to 0 at the end
+            plain = FuncFormatter(lambda y, _: sig(y, 2))  # 0.72, not 7.2x10^-1
+            ax.yaxis.set_major_formatter(plain)
+            low, high = ax.get_ylim()
+            # within one decade only minor ticks carry labels; over several they would overlap
+            ax.yaxis.set_minor_formatter(plain if high < 10 * low else NullFormatter())
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4) or 1, frameon=False,
+               handlelength=4)
     return save(fig, path)
+
+
+def has_positive(ax) -> bool:
+    """Whether a log axis would show anything (else matplotlib warns "Data has no positive values")."""
+    import numpy as np
+
+    return any(np.any(np.isfinite(y) & (y > 0)) for y in (np.asarray(line.get_ydata(), float) for line in ax.lines))
 
 
 def plot_heatmap(summary: dict[str, Any], keys: list[str], path: Path) -> Path:
@@ -88,16 +115,15 @@ def plot_heatmap(summary: dict[str, Any], keys: list[str], path: Path) -> Path:
         relative = grid / np.nanmin(np.where(np.isfinite(grid), grid, np.nan), axis=0, keepdims=True)
     fig = new_figure(1.6 * len(keys) + 2.5, 0.6 * len(names) + 1.6)
     ax = fig.subplots()
-    image = ax.imshow(relative, cmap="viridis", aspect="auto")
+    image = ax.imshow(relative, cmap="viridis", aspect="auto")  # viridis: perceptually uniform, colour-blind safe
     ax.set_xticks(range(len(keys)), [k.split("/", 1)[1] for k in keys])
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("timestep bucket")
-    finite = relative[np.isfinite(relative)]
-    middle = float(np.median(finite)) if finite.size else 0.0
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
-            text = "failed" if not math.isfinite(grid[i, j]) else f"{grid[i, j]:.4g}"
-            dark = math.isfinite(relative[i, j]) and relative[i, j] < middle
-            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
+            text = "failed" if not math.isfinite(grid[i, j]) else sig(grid[i, j])
+            # the text colour is chosen against the cell's own colour, not against a global threshold
+            cell = image.cmap(image.norm(relative[i, j])) if math.isfinite(relative[i, j]) else (1, 1, 1, 1)
+            ax.text(j, i, text, ha="center", va="center", fontsize=10, color=text_color_on(cell))
     fig.colorbar(image, ax=ax, label="final val loss / best in bucket")
     return save(fig, path)
