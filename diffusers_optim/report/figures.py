@@ -57,6 +57,8 @@ def plot_curves(runs: list[Run], keys: list[str], path: Path, ylabel: str, log_y
 
     groups = group_runs(runs)
     styles = styles or arm_styles(list(groups))
+    order = {name: i for i, name in enumerate(styles)}
+    groups = dict(sorted(groups.items(), key=lambda item: order.get(item[0], len(order))))  # legend: rank order
     cols = min(len(keys), 3) or 1
     rows = max(1, math.ceil(len(keys) / cols))
     fig = new_figure(4.2 * cols, 3.2 * rows + 0.35 * math.ceil(len(groups) / 4) + 0.3)
@@ -76,7 +78,7 @@ def plot_curves(runs: list[Run], keys: list[str], path: Path, ylabel: str, log_y
         ax.set_ylabel(ylabel)
         if log_y and has_positive(ax):
             ax.set_yscale("log", nonpositive="mask")  # lr decays to 0 at the end
-            plain = FuncFormatter(lambda y, _: sig(y, 2))  # 0.72, not 7.2x10^-1
+            plain = FuncFormatter(lambda y, _: sig(y, 3, strip=True))  # 0.72, not 7.2x10^-1
             ax.yaxis.set_major_formatter(plain)
             low, high = ax.get_ylim()
             # within one decade only minor ticks carry labels; over several they would overlap

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,16 @@ from typing import Any
 
 from diffusers_optim.report import figures
 from diffusers_optim.report.reading import BUCKET_RE, Run, bucket_keys, final_grid
+from diffusers_optim.report.style import (
+    ArmStyle,
+    arm_styles,
+    is_fraction_key,
+    is_number_cell,
+    percent,
+    sig,
+    split_columns,
+    swatch_svg,
+)
 from diffusers_optim.report.summary import SPIKE_FACTOR
 
 FIGURES_DIR = "report_files"
@@ -36,6 +47,7 @@ class Text:
 class Table:
     head: list[str]
     body: list[list[str]]
+    swatches: dict[str, str] = field(default_factory=dict)  # cell text -> inline SVG of its arm's line style
 
 
 @dataclass
@@ -75,22 +87,29 @@ class ReportContext:
     def records(self) -> list[dict[str, Any]]:
         return [rec for run in self.runs for rec in run.records]
 
+    @property
+    def styles(self) -> dict[str, ArmStyle]:
+        """Each arm's colour, dashes and marker, in ranking order: the same in every figure and table."""
+        return arm_styles([row["optimizer"] for row in self.summary["optimizers"]] + [r.optimizer for r in self.runs])
+
+    def with_swatches(self, table: Table) -> Table:
+        table.swatches = {name: swatch_svg(style) for name, style in self.styles.items()}
+        return table
+
 
 # ---- numbers for people --------------------------------------------------------------------------
 
 
 def fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4g}"
-    return str(value)
+    """A number rounded to significant digits for people (0.009375 -> 0.00938, 2e-4), '-' for none."""
+    return sig(value, strip=True)
 
 
 def pm(row: dict[str, Any], key: str) -> str:
-    """`mean ± std` of an optimizer row's metric."""
+    """`mean ± std` of an optimizer row's metric; shares of a whole as percentages."""
+    show = percent if is_fraction_key(key) else sig
     std = row.get(key + "_std")
-    return fmt(row.get(key)) + (f" ± {std:.2g}" if isinstance(std, float) and math.isfinite(std) else "")
+    return show(row.get(key)) + (f" ± {show(std, 2)}" if isinstance(std, float) and math.isfinite(std) else "")
 
 
 def status_cell(status: str, ok: str = "ok") -> str:
@@ -170,13 +189,27 @@ def intro_section(ctx: ReportContext) -> Section:
     return Section(None, [Text(text)])
 
 
+LOAD_DEPENDENT = {"s to target": "s to target*", "img/s": "img/s*", "peak MB": "peak MB*"}
+
+
+def load_note(summary: dict[str, Any]) -> Text:
+    """What the starred columns depend on, so nobody reads a busy machine's numbers as an optimizer's cost."""
+    parallel = re.search(r"--num_parallel[ =](\d+)", summary.get("command") or "")
+    shared = f"{parallel.group(1)} runs trained at a time here" if parallel else "other runs sharing the machine"
+    return Text(f"* Depends on the machine and its load ({shared}; on CPU, peak MB is the whole process): "
+                "compare these within one comparison only.")
+
+
 def ranking_section(ctx: ReportContext) -> Section:
-    return Section("Ranking", [ranking_table(ctx.summary), bucket_table(ctx.summary)])
+    ranking = ctx.with_swatches(ranking_table(ctx.summary))
+    ranking.head = [LOAD_DEPENDENT.get(h, h) for h in ranking.head]
+    return Section("Ranking", [ranking, load_note(ctx.summary), ctx.with_swatches(bucket_table(ctx.summary))])
 
 
 def val_curves_section(ctx: ReportContext) -> Section:
     keys = ["val/loss", *bucket_keys(ctx.records, "val_t")]
-    path = figures.plot_curves(ctx.runs, keys, ctx.figure_dir / "val_loss_by_bucket.png", "val loss")
+    path = figures.plot_curves(ctx.runs, keys, ctx.figure_dir / "val_loss_by_bucket.png", "val loss",
+                               styles=ctx.styles)
     return Section(
         "Validation loss by timestep bucket",
         [Text("Mean over seeds; the band spans the seeds' min and max."), Image(path, "validation loss by bucket")],
@@ -191,7 +224,7 @@ def heatmap_section(ctx: ReportContext) -> Section:
 
 def grad_lr_section(ctx: ReportContext) -> Section:
     keys = ["train/grad_norm", "train/lr"]
-    path = figures.plot_curves(ctx.runs, keys, ctx.figure_dir / "grad_norm_lr.png", "")
+    path = figures.plot_curves(ctx.runs, keys, ctx.figure_dir / "grad_norm_lr.png", "", styles=ctx.styles)
     return Section("Gradient norm and learning rate", [Image(path, "grad norm and lr")])
 
 
@@ -237,15 +270,18 @@ def build_document(ctx: ReportContext) -> list[Section]:
 # ---- format 1: HTML (self-contained: CSS inline, images embedded) -------------------------------------
 
 CSS = """
-body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222;
+       line-height: 1.45; }
 h1 { border-bottom: 2px solid #444; } h2 { margin-top: 2em; border-bottom: 1px solid #ccc; }
-table { border-collapse: collapse; font-size: 0.85em; margin: 1em 0; }
-th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
-th { background: #f0f0f0; } td:nth-child(2) { text-align: left; }
+table { border-collapse: collapse; font-size: 0.9em; margin: 1em 0; max-width: 100%; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; overflow-wrap: anywhere; }
+th { background: #f0f0f0; } td.arm, td.text { text-align: left; } td.arm { white-space: nowrap; }
+svg.swatch { vertical-align: middle; margin-right: 6px; }
 tr.bad td { background: #fde8e8; color: #900; }
-.scroll { overflow-x: auto; } img { max-width: 100%; } .grids { display: flex; flex-wrap: wrap; gap: 1em; }
+img { max-width: 100%; } .grids { display: flex; flex-wrap: wrap; gap: 1em; }
 figure { margin: 0; text-align: center; } figure img { image-rendering: pixelated; width: 192px; }
-pre { background: #f6f6f6; padding: 1em; overflow-x: auto; white-space: pre-wrap; }
+pre { background: #f6f6f6; padding: 1em; white-space: pre-wrap; overflow-wrap: anywhere; }
+.recommendation { background: #eef5fb; border-left: 4px solid #0072B2; padding: 0.5em 1em; }
 """
 
 
@@ -255,13 +291,29 @@ def embed_png(path: Path, alt: str) -> str:
 
 
 def html_table(table: Table) -> str:
-    cells = "".join(f"<th>{html.escape(h)}</th>" for h in table.head)
+    """One <table> per MAX_COLUMNS columns (key columns repeated): a wide table is split, never scrolled."""
+    return "\n".join(html_table_part(head, body, table.swatches) for head, body in split_table(table))
+
+
+def split_table(table: Table) -> list[tuple[list[str], list[list[str]]]]:
+    """The table's parts, each narrow enough for a page; the rank and arm columns start every part."""
+    keep = 2 if table.head[:1] == ["rank"] else 1
+    return split_columns(table.head, table.body, keep=keep)
+
+
+def cell_class(text: str, swatches: dict[str, str]) -> str:
+    return "arm" if text in swatches else ("num" if is_number_cell(text) else "text")
+
+
+def html_table_part(head: list[str], body: list[list[str]], swatches: dict[str, str]) -> str:
+    cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     rows = []
-    for row in table.body:
+    for row in body:
         cls = ' class="bad"' if any(c in BAD_CELLS for c in row) else ""
-        rows.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
-    body = f"<table><thead><tr>{cells}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
-    return f'<div class="scroll">{body}</div>'  # wide bucket tables scroll instead of running off the page
+        tds = "".join(f'<td class="{cell_class(c, swatches)}">{swatches.get(c, "")}{html.escape(c)}</td>'
+                      for c in row)
+        rows.append(f"<tr{cls}>{tds}</tr>")
+    return f"<table><thead><tr>{cells}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
 def html_block(block: Block) -> str:
@@ -297,9 +349,12 @@ def to_html(doc: list[Section], title: str = TITLE) -> str:
 
 
 def md_table(table: Table) -> str:
-    lines = ["| " + " | ".join(table.head) + " |", "|" + "---|" * len(table.head)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in table.body]
-    return "\n".join(lines)
+    parts = []
+    for head, body in split_table(table):
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
 
 
 def md_block(block: Block, base: Path, files: Path) -> str:

@@ -7,6 +7,7 @@ through the report; two arms with identical curves stay visible (different dashe
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,7 @@ MARKER_SVG = {
          'fill="{color}"/>',
 }
 NUM_MARKS = 8  # markers per line: enough to tell lines apart, few enough not to hide the curve
-MAX_COLUMNS = 9  # a table with more columns is split (key columns repeated), so every table fits a page
+MAX_COLUMNS = 10  # a table with more columns is split (key columns repeated), so every table fits a page
 SIGNIFICANT = 3  # significant digits of a number shown alone
 
 
@@ -94,8 +95,11 @@ def text_color_on(rgba: tuple[float, ...]) -> str:
 # ---- numbers for people ------------------------------------------------------------------------------
 
 
-def sig(value: Any, digits: int = SIGNIFICANT) -> str:
-    """A number rounded to significant digits, without exponent for everyday sizes: 0.009375 -> 0.00938."""
+def sig(value: Any, digits: int = SIGNIFICANT, strip: bool = False) -> str:
+    """A number rounded to significant digits, without exponent for everyday sizes: 0.009375 -> 0.00938.
+
+    strip drops trailing zeros (a setting like lr 0.05 reads better than 0.0500; a measured 0.650 keeps them).
+    """
     if value is None:
         return "-"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -108,7 +112,8 @@ def sig(value: Any, digits: int = SIGNIFICANT) -> str:
         return "inf" if value > 0 else "-inf"
     magnitude = math.floor(math.log10(abs(value)))
     if -3 <= magnitude < 6:
-        return _strip_zeros(f"{value:.{max(0, digits - 1 - magnitude)}f}")
+        text = f"{value:.{max(0, digits - 1 - magnitude)}f}"
+        return _strip_zeros(text) if strip else text
     mantissa, exponent = f"{value:.{digits - 1}e}".split("e")
     return f"{_strip_zeros(mantissa)}e{int(exponent)}"  # 2e-4, 1.25e-7
 
@@ -125,6 +130,14 @@ def percent(value: Any, digits: int = SIGNIFICANT) -> str:
     return f"{sig(100 * value, digits)}%"
 
 
+NUMBER_CELL = re.compile(r"^[-+]?(\d[\d.,]*(e-?\d+)?%?|nan|inf|-)( ± \S+)?\*?$")
+
+
+def is_number_cell(text: str) -> bool:
+    """Cells holding a number (aligned right, so digits line up); names and words align left."""
+    return bool(NUMBER_CELL.match(text))
+
+
 def is_fraction_key(key: str) -> bool:
     """Metrics that are shares of a whole, shown as percentages."""
     return key.endswith(("_frac", "_fraction", "fraction_mean"))
@@ -135,7 +148,8 @@ def split_columns(head: list[str], body: list[list[str]], keep: int = 2,
     """A wide table as several tables of at most max_columns, each repeating the first `keep` (key) columns."""
     if len(head) <= max_columns:
         return [(head, body)]
-    per_part = max_columns - keep
+    rest = len(head) - keep
+    per_part = math.ceil(rest / math.ceil(rest / (max_columns - keep)))  # balanced: no part of one column
     parts = []
     for start in range(keep, len(head), per_part):
         cols = [*range(keep), *range(start, min(start + per_part, len(head)))]
