@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusers_optim.progress import format_duration, read_status
+from diffusers_optim.report.style import sig
 
 logger = logging.getLogger(__name__)
 
@@ -250,10 +251,10 @@ def final_lines(summary: dict[str, Any], report_path: Path) -> str:
     lines = [f"ranking by final {metric} (mean over seeds, lower is better):"]
     for row in rows:
         value = row.get(metric)
-        cell = f"{value:.4g}" if _finite(value) else "-"
+        cell = sig(value)
         spread = row.get(f"{metric}_std")
         if _finite(spread):
-            cell += f" ± {spread:.2g}"
+            cell += f" ± {sig(spread, 2)}"
         note = "" if row.get("status") == "complete" else f"  {str(row.get('status', '')).upper()}"
         if row.get("tied"):
             note += "  (tied with the best: difference not resolved)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 # Okabe & Ito's colour-blind-safe palette (Color Universal Design), ordered for contrast on white: the yellow,
@@ -53,7 +54,7 @@ class ArmStyle:
 
     def line_kwargs(self, index: int, num_points: int) -> dict[str, Any]:
         """matplotlib `plot` keywords; markers start at an offset per arm so identical curves show every arm."""
-        step = max(1, num_points // NUM_MARKS)
+        step = max(2, num_points // NUM_MARKS)  # never every point: arms on one curve take turns at the points
         return dict(color=self.color, linestyle=(0, self.dashes) if self.dashes else "-", linewidth=1.8,
                     marker=self.marker, markersize=5, markevery=(index % step, step),
                     markerfacecolor="white" if index // len(MARKERS) % 2 else self.color)
@@ -112,10 +113,17 @@ def sig(value: Any, digits: int = SIGNIFICANT, strip: bool = False) -> str:
         return "inf" if value > 0 else "-inf"
     magnitude = math.floor(math.log10(abs(value)))
     if -3 <= magnitude < 6:
-        text = f"{value:.{max(0, digits - 1 - magnitude)}f}"
+        text = _round_half_up(value, max(0, digits - 1 - magnitude))
+        if abs(float(text)) >= 10 ** (magnitude + 1):  # 99.95 rounds up a magnitude: 100, not 100.0
+            text = _round_half_up(value, max(0, digits - 2 - magnitude))
         return _strip_zeros(text) if strip else text
     mantissa, exponent = f"{value:.{digits - 1}e}".split("e")
     return f"{_strip_zeros(mantissa)}e{int(exponent)}"  # 2e-4, 1.25e-7
+
+
+def _round_half_up(value: float, places: int) -> str:
+    """Half up on the decimal digits people see (0.009375 -> 0.00938), not on the binary float (0.00937)."""
+    return str(Decimal(repr(float(value))).quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP))
 
 
 def _strip_zeros(text: str) -> str:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from diffusers_optim.report.style import sig
+
 pytestmark = pytest.mark.slow
 
 TRAIN_FLAGS = [
@@ -50,7 +52,7 @@ def check_progress_lines(stdout: str, out: Path) -> None:
     tail = stdout[stdout.index("ranking by final val/loss"):].splitlines()
     assert len(tail) == 4 and all(len(line) < 100 for line in tail), tail
     for row, line in zip(summary["optimizers"], tail[1:3]):
-        assert line.split()[:3] == [str(row["rank"]), row["optimizer"], f"{row['val/loss']:.4g}"], line
+        assert line.split()[:3] == [str(row["rank"]), row["optimizer"], sig(row["val/loss"])], line
     assert tail[3] == f"report: {out / 'report.html'}"
     assert "| rank |" not in stdout
 
@@ -77,7 +79,7 @@ def test_tiny_comparison_end_to_end(tmp_path: Path):
             assert row[key] == pytest.approx(last(metrics, key)), key
         opt = next(o for o in summary["optimizers"] if o["optimizer"] == row["optimizer"])
         assert opt["val/loss"] == pytest.approx(row["val/loss"])  # one seed: the mean is the run
-        assert f"{row['val/loss']:.4g}" in html
+        assert f">{sig(row['val/loss'])}<" in html  # rounded to significant digits for people
     assert html.count("data:image/png;base64,") == 5  # three figures and both final sample grids
     md = (out / "report.md").read_text()
     assert md.count("](report_files/") == 5 and "diffusers-optim compare --optimizers" in md

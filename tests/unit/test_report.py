@@ -186,7 +186,7 @@ def test_planned_failed_and_missing_runs_are_shown(comparison: Path):
     assert lion["status"] == "failed" and lion["rank"] == 2
     html_text = paths["report_html"].read_text()
     assert "FAILED" in html_text and "RuntimeError: boom" in html_text and plan["command"] in html_text
-    assert "lion lr=3e-05 seed=0 [failed]" in html_text  # its grid slot is shown, empty
+    assert "lion lr=3e-5 seed=0 [failed]" in html_text  # its grid slot is shown, empty
 
 
 def test_summarize_cli_errors_on_empty_folder(tmp_path: Path):

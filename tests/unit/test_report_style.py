@@ -1,0 +1,191 @@
+"""The report read at a glance: every arm its own colour AND line style, tables that fit, numbers for people."""
+
+from __future__ import annotations
+
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusers_optim import report
+from diffusers_optim.report.style import (
+    MAX_COLUMNS,
+    PALETTE,
+    arm_style,
+    percent,
+    sig,
+    split_columns,
+    text_color_on,
+)
+
+VAL = [1.0, 0.6, 0.45, 0.40, 0.38, 0.37]
+
+
+def write_run(root: Path, optimizer: str, lr: float, val: list[float], clipped: float) -> None:
+    """A finished run folder as the trainer leaves it (config, metrics.jsonl, grid, run_summary.json)."""
+    name = f"{optimizer}-lr{lr:g}-s0"
+    path = root / "runs" / name
+    (path / "samples").mkdir(parents=True)
+    config = {"config": {"optimizer": optimizer, "learning_rate": lr, "seed": 0}, "run_name": name,
+              "optimizer": {"name": optimizer, "hparams": {"lr": lr}}}
+    (path / "config.json").write_text(json.dumps(config))
+    records = []
+    for i, v in enumerate(val):
+        step = 50 * (i + 1)
+        records.append({"step": step, "elapsed_s": 3.0 * step, "train/loss": v * 1.1, "val/loss": v,
+                        "val_t/000-249": 3 * v, "val_t/250-499": 1.5 * v, "val_t/500-749": v / 2,
+                        "val_t/750-999": v / 4, "train/grad_norm": 2.0 / (i + 1), "train/lr": lr * (1 - i / 6),
+                        "train/clipped_fraction": clipped, "perf/images_per_sec": 152.33 + i,
+                        "perf/peak_memory_mb": 512.0, "optim/state_mb": 0.009375})
+    records.append({"step": 50 * len(val), "eval/fd": 0.6 + val[-1], "eval/confident_frac": 0.84375})
+    (path / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)) + "\n")
+    Image.fromarray(np.full((8, 8, 3), 90, dtype=np.uint8)).save(path / "samples" / "step_000300.png")
+    summary = {"status": "complete", "steps": 300, "wall_time_s": 900.0, "nonfinite_steps": 0,
+               "sample_grid": "samples/step_000300.png"}
+    (path / "run_summary.json").write_text(json.dumps(summary))
+
+
+@pytest.fixture
+def three_arms(tmp_path: Path) -> Path:
+    """adam and adamw with IDENTICAL curves (the case where one hid the other), and a different sgd."""
+    write_run(tmp_path, "adamw", 2e-3, VAL, clipped=0.25)
+    write_run(tmp_path, "adam", 2e-3, VAL, clipped=0.25)
+    write_run(tmp_path, "sgd", 0.05, [v * 1.2 for v in VAL], clipped=0.009375)
+    return tmp_path
+
+
+class Cells(HTMLParser):
+    """Tables (header cells and rows of (class, text, swatch attributes)) and the CSS of a report.html."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables: list[dict] = []
+        self.css = ""
+        self._cell: dict | None = None
+        self._in_style = False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self.tables.append({"head": [], "rows": []})
+        elif tag == "tr" and self.tables:
+            self.tables[-1]["rows"].append([])
+        elif tag in ("th", "td"):
+            self._cell = {"tag": tag, "class": attrs.get("class", ""), "text": "", "swatch": None}
+        elif tag == "svg" and self._cell is not None:
+            self._cell["swatch"] = (attrs["data-color"], attrs["data-dash"], attrs["data-marker"])
+        elif tag == "style":
+            self._in_style = True
+
+    def handle_endtag(self, tag):
+        if tag in ("th", "td") and self._cell is not None:
+            table = self.tables[-1]
+            (table["head"] if tag == "th" else table["rows"][-1]).append(self._cell)
+            self._cell = None
+        elif tag == "style":
+            self._in_style = False
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell["text"] += data
+        elif self._in_style:
+            self.css += data
+
+
+def parse(html_text: str) -> Cells:
+    cells = Cells()
+    cells.feed(html_text)
+    return cells
+
+
+def test_each_arm_has_its_own_colour_and_line_style_everywhere(three_arms: Path):
+    paths = report.summarize(three_arms)
+    page = parse(paths["report_html"].read_text())
+    swatches: dict[str, set] = {}
+    for table in page.tables:
+        for row in table["rows"]:
+            for cell in row:
+                if cell["swatch"]:
+                    swatches.setdefault(cell["text"].strip(), set()).add(cell["swatch"])
+    assert set(swatches) == {"adam", "adamw", "sgd"}
+    assert all(len(styles) == 1 for styles in swatches.values()), swatches  # one style per arm, every table
+    pairs = [(color, dash) for (color, dash, _) in (next(iter(s)) for s in swatches.values())]
+    assert len(set(pairs)) == 3 and len({color for color, _ in pairs}) == 3, pairs
+    assert {color for color, _ in pairs} <= set(PALETTE)
+
+    # the two identical curves are both visible in the figure: each arm's colour covers many pixels
+    figure = np.asarray(Image.open(three_arms / "report_files" / "val_loss_by_bucket.png").convert("RGB")).astype(int)
+    for color in {color for color, _ in pairs}:
+        rgb = np.array([int(color[i:i + 2], 16) for i in (1, 3, 5)])
+        near = (np.abs(figure - rgb).sum(axis=-1) < 60).sum()
+        assert near > 300, (color, near)
+
+
+def test_no_table_is_wider_than_the_page_allows(three_arms: Path):
+    paths = report.summarize(three_arms)
+    page = parse(paths["report_html"].read_text())
+    assert page.tables
+    for table in page.tables:
+        assert len(table["head"]) <= MAX_COLUMNS, [c["text"] for c in table["head"]]
+        assert all(len(row) == len(table["head"]) for row in table["rows"] if row)
+    css = re.sub(r"\s+", " ", page.css)
+    assert "overflow-x" not in css  # a table is split, never hidden behind a scroll bar
+    assert re.search(r"table \{[^}]*max-width: 100%", css)
+    assert re.search(r"td[^{]*\{[^}]*overflow-wrap: anywhere", css)
+    # the 17 columns of the ranking are all still there, split with the arm column repeated
+    ranking = [t for t in page.tables if t["head"] and t["head"][0]["text"] == "rank"]
+    assert len(ranking) >= 2 and all(t["head"][1]["text"] == "optimizer" for t in ranking)
+    heads = [c["text"] for t in ranking for c in t["head"][2:]]
+    assert {"val/loss", "eval/fd", "img/s*", "s to target*", "clipped", "status"} <= set(heads)
+
+
+def test_numbers_are_rounded_and_shares_are_percentages(three_arms: Path):
+    paths = report.summarize(three_arms)
+    page = parse(paths["report_html"].read_text())
+    text = paths["report_html"].read_text()
+    numbers = [c["text"] for t in page.tables for row in t["rows"] for c in row if c["class"] == "num"]
+    assert numbers
+    for cell in numbers:
+        for number in re.findall(r"\d[\d.]*", cell.split("e")[0]):
+            digits = number.replace(".", "").lstrip("0")
+            assert len(digits) <= 3 or "." not in number, cell  # 0.009375 -> 0.00938; integers stay whole
+    assert "0.009375" not in text and "0.00938" in text  # state MB, rounded
+    assert "84.4%" in text and "0.84375" not in text  # confident share
+    assert "25%" in text  # clipped fraction
+    assert "* Depends on the machine and its load" in text
+
+
+def test_split_columns_balances_and_repeats_key_columns():
+    head = [f"c{i}" for i in range(17)]
+    parts = split_columns(head, [head], keep=2, max_columns=10)
+    assert [len(h) for h, _ in parts] == [10, 9]
+    assert all(h[:2] == ["c0", "c1"] for h, _ in parts)
+    assert sorted({c for h, _ in parts for c in h}) == sorted(head)
+
+
+def test_styles_stay_distinct_for_many_arms():
+    pairs = {(arm_style(i).color, arm_style(i).dashes) for i in range(32)}
+    assert len(pairs) == 32
+
+
+@pytest.mark.parametrize("value, text", [(0.009375, "0.00938"), (0.1953, "0.195"), (1600, "1600"),
+                                         (2e-4, "2e-4"), (152.33, "152"), (1.25e-7, "1.25e-7")])
+def test_significant_digits(value, text):
+    assert sig(value, strip=True) == text
+
+
+def test_percent():
+    assert percent(0.84375) == "84.4%" and percent(None) == "-"
+
+
+def test_heatmap_text_contrasts_with_its_cell():
+    from matplotlib import colormaps
+
+    viridis = colormaps["viridis"]
+    assert text_color_on(viridis(0.0)) == "white"  # dark purple
+    assert text_color_on(viridis(1.0)) == "black"  # yellow
+    assert text_color_on((1.0, 1.0, 1.0, 1.0)) == "black"
