@@ -19,6 +19,7 @@ from typing import Any
 
 from diffusers_optim.report import figures
 from diffusers_optim.report.reading import BUCKET_RE, Run, bucket_keys, final_grid
+from diffusers_optim.report.recommend import recommendation
 from diffusers_optim.report.style import (
     ArmStyle,
     arm_styles,
@@ -179,6 +180,12 @@ def bucket_table(summary: dict[str, Any]) -> Table:
 # ---- sections (the one list both formats render) ---------------------------------------------------
 
 
+def recommendation_section(ctx: ReportContext) -> Section | None:
+    """The first thing a reader sees: which arm to pick, where it wins and loses, what is not resolved."""
+    sentences = recommendation(ctx.summary)
+    return Section("Recommendation", [Text(s) for s in sentences]) if sentences else None
+
+
 def intro_section(ctx: ReportContext) -> Section:
     s = ctx.summary
     text = (
@@ -196,8 +203,8 @@ def load_note(summary: dict[str, Any]) -> Text:
     """What the starred columns depend on, so nobody reads a busy machine's numbers as an optimizer's cost."""
     parallel = re.search(r"--num_parallel[ =](\d+)", summary.get("command") or "")
     shared = f"{parallel.group(1)} runs trained at a time here" if parallel else "other runs sharing the machine"
-    return Text(f"* Depends on the machine and its load ({shared}; on CPU, peak MB is the whole process): "
-                "compare these within one comparison only.")
+    return Text(f"Starred columns depend on the machine and its load ({shared}; on CPU, peak MB is the whole "
+                "process): compare them within one comparison only.")
 
 
 def ranking_section(ctx: ReportContext) -> Section:
@@ -249,6 +256,7 @@ def reproduce_section(ctx: ReportContext) -> Section:
 
 SectionFn = Callable[[ReportContext], Section | None]
 SECTIONS: list[SectionFn] = [
+    recommendation_section,
     intro_section,
     ranking_section,
     val_curves_section,

@@ -156,7 +156,7 @@ def test_numbers_are_rounded_and_shares_are_percentages(three_arms: Path):
     assert "0.009375" not in text and "0.00938" in text  # state MB, rounded
     assert "84.4%" in text and "0.84375" not in text  # confident share
     assert "25%" in text  # clipped fraction
-    assert "* Depends on the machine and its load" in text
+    assert "Starred columns depend on the machine and its load" in text
 
 
 def test_split_columns_balances_and_repeats_key_columns():
@@ -189,3 +189,37 @@ def test_heatmap_text_contrasts_with_its_cell():
     assert text_color_on(viridis(0.0)) == "white"  # dark purple
     assert text_color_on(viridis(1.0)) == "black"  # yellow
     assert text_color_on((1.0, 1.0, 1.0, 1.0)) == "black"
+
+
+def test_recommendation_from_the_summary_statistics():
+    """Shaped like summary.json with intervals over seeds, paired differences from the best and tied marks."""
+    from diffusers_optim.report.recommend import recommendation
+
+    def arm(label, fd, val, **extra):
+        return {"arm": label, "runs_complete": 3, "eval/fd": fd, "eval/fd_ci_low": fd - 0.05,
+                "eval/fd_ci_high": fd + 0.05, "eval/fd_n": 3, "val/loss": val, **extra}
+
+    def diff(a, metric, mean, resolved):
+        return {"a": a, "b": "adamw", "metric": metric, "mean": mean, "resolved": resolved}
+
+    summary = {
+        "rank_by": "eval/fd", "higher_is_better": False,
+        "arms": [arm("adamw", 0.6, 0.197, best=True), arm("adam", 0.61, 0.198, tied=True),
+                 arm("prodigy", 0.74, 0.195, tied=False)],
+        "comparisons": [diff("adam", "val_t/000-249", 0.001, False), diff("prodigy", "val_t/000-249", 0.01, True),
+                        diff("prodigy", "val_t/750-999", -0.004, True), diff("prodigy", "eval/fd", 0.14, True)],
+    }
+    pick, buckets, disagree, unresolved = recommendation(summary)
+    assert pick == "Pick adamw: the best eval/fd (0.600 ± 0.050; lower is better), ahead of adam (0.610 ± 0.050)."
+    assert buckets == ("By timestep bucket, adamw has lower validation loss than prodigy at t 000-249; "
+                       "higher than prodigy at t 750-999 (differences resolved over seeds).")
+    assert disagree.startswith("Loss and sample quality disagree: prodigy has the best val/loss (0.195)")
+    assert unresolved.startswith("Not resolved from adamw on eval/fd") and unresolved.count("adam") == 2
+
+
+def test_recommendation_with_one_seed_says_nothing_is_resolved(three_arms: Path):
+    paths = report.summarize(three_arms)
+    text = paths["report_md"].read_text()
+    first = text.split("## ", 2)[1]
+    assert first.startswith("Recommendation") and "Pick adam" in first  # adam and adamw tie: plan order decides
+    assert "By timestep bucket (means, not resolved)" in first and "one seed per arm" in first

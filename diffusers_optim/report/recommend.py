@@ -1,0 +1,126 @@
+"""The report's first words: which arm to pick and why, in sentences, from the summary's statistics.
+
+Nothing is computed here that summary/stats do not already hold: the ranking metric and direction, each arm's
+rank and tie with the best, and the seed-paired differences from the best per metric (`comparisons`). This
+module only chooses what to say: the pick, where it wins and loses by timestep bucket, where loss and sample
+quality disagree, and what the seeds did not resolve.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from diffusers_optim.report.reading import is_number
+from diffusers_optim.report.style import sig
+
+BUCKET = re.compile(r"^val_t/(\d+)-(\d+)$")
+
+
+def name(row: dict[str, Any]) -> str:
+    return str(row.get("arm") or row.get("optimizer"))
+
+
+def value_text(row: dict[str, Any], key: str) -> str:
+    """`0.197 ± 0.002` (half-width of the 95% interval) or the mean alone."""
+    mean, low, high = row.get(key), row.get(key + "_ci_low"), row.get(key + "_ci_high")
+    if not is_number(mean):
+        return "no value"
+    half = (high - low) / 2 if is_number(low) and is_number(high) else None
+    return sig(mean) + (f" ± {sig(half, 2)}" if half else "")
+
+
+def bucket_name(key: str) -> str:
+    lo, hi = BUCKET.match(key).groups()
+    return f"t {lo}-{hi}"
+
+
+def bucket_verdicts(summary: dict[str, Any], best: str) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Per bucket, the arms the best beats and the arms that beat it, where the paired difference is resolved."""
+    wins: dict[str, list[str]] = {}
+    losses: dict[str, list[str]] = {}
+    for diff in summary.get("comparisons", []):
+        if diff.get("b") != best or not BUCKET.match(diff.get("metric", "")) or not diff.get("resolved"):
+            continue
+        # val_t is a loss: the other arm minus the best > 0 means the best is lower there
+        (wins if diff["mean"] > 0 else losses).setdefault(bucket_name(diff["metric"]), []).append(diff["a"])
+    return wins, losses
+
+
+def pick_sentence(summary: dict[str, Any], arms: list[dict[str, Any]]) -> str:
+    metric = summary.get("rank_by", "val/loss")
+    direction = "higher" if summary.get("higher_is_better") else "lower"
+    best = arms[0]
+    text = f"Pick {name(best)}: the best {metric} ({value_text(best, metric)}; {direction} is better)"
+    runner = arms[1] if len(arms) > 1 else None
+    if runner is not None:
+        text += f", ahead of {name(runner)} ({value_text(runner, metric)})"
+    return text + "."
+
+
+def bucket_means_sentence(arms: list[dict[str, Any]]) -> str | None:
+    """Without resolved differences: which arm has the lowest mean validation loss in each bucket."""
+    best = name(arms[0])
+    keys = sorted({k for r in arms for k in r if BUCKET.match(k)}, key=lambda k: int(BUCKET.match(k).group(1)))
+    leads, behind = [], []
+    for key in keys:
+        scored = [r for r in arms if is_number(r.get(key))]
+        if not scored:
+            continue
+        leader = min(scored, key=lambda r: r[key])
+        (leads if name(leader) == best else behind).append(
+            bucket_name(key) if name(leader) == best else f"{bucket_name(key)} ({name(leader)} lower)")
+    if not keys or not (leads or behind):
+        return None
+    text = f"By timestep bucket (means, not resolved): {best} is lowest at {', '.join(leads) or 'no bucket'}"
+    return text + (f"; it trails at {', '.join(behind)}." if behind else ".")
+
+
+def bucket_sentence(summary: dict[str, Any], best: str) -> str | None:
+    wins, losses = bucket_verdicts(summary, best)
+    if not wins and not losses:
+        return None
+    parts = [f"lower validation loss than {', '.join(arms)} at {b}" for b, arms in sorted(wins.items())]
+    parts += [f"higher than {', '.join(arms)} at {b}" for b, arms in sorted(losses.items())]
+    return f"By timestep bucket, {best} has " + "; ".join(parts) + " (differences resolved over seeds)."
+
+
+def disagreement_sentence(summary: dict[str, Any], arms: list[dict[str, Any]]) -> str | None:
+    """When the ranking metric is sample quality and val/loss would pick another arm (or the other way round)."""
+    metric = summary.get("rank_by", "val/loss")
+    other = "val/loss" if metric != "val/loss" else next(
+        (k for k in ("eval/fd", "eval/fid") if any(is_number(r.get(k)) for r in arms)), None)
+    scored = [r for r in arms if is_number(r.get(other))] if other else []
+    if not scored:
+        return None
+    by_other = min(scored, key=lambda r: r[other])  # val/loss and FD/FID: lower is better
+    if name(by_other) == name(arms[0]):
+        return f"{other} agrees: {name(arms[0])} is best on it too ({value_text(arms[0], other)})."
+    return (f"Loss and sample quality disagree: {name(by_other)} has the best {other} "
+            f"({value_text(by_other, other)}), {name(arms[0])} the best {metric}. Judge on what you need.")
+
+
+def unresolved_sentence(summary: dict[str, Any], arms: list[dict[str, Any]]) -> str | None:
+    metric = summary.get("rank_by", "val/loss")
+    seeds = max((r.get(metric + "_n") or r.get("runs_complete") or 0 for r in arms), default=0)
+    if len(arms) < 2:
+        return None
+    if seeds < 2:
+        return ("Nothing here is resolved: one seed per arm gives no interval, so the order may be noise "
+                "(rerun with --seeds 0 1 2).")
+    tied = [name(r) for r in arms[1:] if r.get("tied")]
+    if not tied:
+        return f"Every other arm is resolved from {name(arms[0])} on {metric}."
+    return (f"Not resolved from {name(arms[0])} on {metric} (the paired interval contains zero): "
+            f"{', '.join(tied)}; more seeds could separate them.")
+
+
+def recommendation(summary: dict[str, Any]) -> list[str]:
+    """The recommendation as sentences, best arm first; [] when no arm finished."""
+    arms = [r for r in (summary.get("arms") or summary.get("optimizers") or []) if r.get("runs_complete")]
+    if not arms:
+        return []
+    buckets = bucket_sentence(summary, name(arms[0])) or bucket_means_sentence(arms)
+    sentences = [pick_sentence(summary, arms), buckets,
+                 disagreement_sentence(summary, arms), unresolved_sentence(summary, arms)]
+    return [s for s in sentences if s]
