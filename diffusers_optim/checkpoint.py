@@ -172,6 +172,11 @@ def save_checkpoint(
     return final
 
 
+def checkpoint_of_step(output_dir: Path, step: int) -> Path | None:
+    """The complete checkpoint saved at `step` (diffusers names it checkpoint-6, we checkpoint-000006)."""
+    return next((p for p in list_checkpoints(output_dir) if int(CHECKPOINT_RE.match(p.name).group(1)) == step), None)
+
+
 def find_checkpoint(output_dir: Path, spec: str) -> Path | None:
     """The checkpoint to resume from: 'latest' (None if there is none yet) or a folder path."""
     if spec == "latest":
@@ -180,6 +185,8 @@ def find_checkpoint(output_dir: Path, spec: str) -> Path | None:
     path = Path(spec).expanduser()
     if not path.exists() and (Path(output_dir) / CHECKPOINTS_DIR / spec).exists():
         path = Path(output_dir) / CHECKPOINTS_DIR / spec  # diffusers-style: just the folder name
+    elif not path.exists() and CHECKPOINT_RE.match(spec):
+        path = checkpoint_of_step(Path(output_dir), int(CHECKPOINT_RE.match(spec).group(1))) or path
     if not path.is_dir():
         available = ", ".join(p.name for p in list_checkpoints(Path(output_dir))) or "none"
         raise UserError(

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffusers_optim.config import coerce_value, field_types, unknown_flag
+from diffusers_optim.config import coerce_value, field_types, flag_aliases, unknown_flag
 from diffusers_optim.errors import UserError
 from diffusers_optim.live import ProgressBoard, final_lines, live_view
 from diffusers_optim.optim.args import split_top_level
@@ -186,6 +186,7 @@ def parse_passthrough(rest: list[str]) -> list[tuple[str, str]]:
         if not token.startswith("--"):
             raise UserError(f"unexpected argument '{token}' (training flags look like --max_train_steps 200)")
         key, eq, value = token[2:].partition("=")
+        key = flag_aliases().get(key, key)  # diffusers' --eval_batch_size is our --num_samples
         if not eq and i + 1 < len(rest) and not rest[i + 1].startswith("--"):
             value, i = rest[i + 1], i + 1
         elif not eq:

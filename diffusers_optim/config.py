@@ -25,15 +25,8 @@ SECRET_FIELDS = ("hub_token",)
 
 # Flags users bring from diffusers' train_unconditional.py (or other trainers) that we name or count differently.
 # Spelling alone gets these wrong (--save_images_epochs looks like --num_epochs), so the hint says what they mean.
+# (Every flag of diffusers' train_unconditional.py is a real flag or an alias, so none of them needs a hint here.)
 FLAG_MEANINGS = {
-    "save_images_epochs": "sample grids are drawn every N optimizer steps: --sample_steps N",
-    "save_model_epochs": "checkpoints are saved every N optimizer steps: --checkpointing_steps N "
-    "(the pipeline is saved at the end)",
-    "eval_batch_size": "the sample grid's size is --num_samples N (quality metrics: --num_eval_samples N)",
-    "ddpm_num_inference_steps": "sampling steps are --num_inference_steps N",
-    "logging_dir": "tracker files go under --output_dir (OUTPUT_DIR/logs, OUTPUT_DIR/wandb)",
-    "local_rank": "`accelerate launch` sets the process rank; pass no rank flag",
-    "enable_xformers_memory_efficient_attention": "not supported: the UNet uses PyTorch's attention",
     "lr": "--learning_rate",
     "batch_size": "--train_batch_size (per process)",
     "epochs": "--num_epochs",
@@ -59,7 +52,7 @@ class TrainConfig:
     # ---- data -------------------------------------------------------------------------------
     dataset_name: str | None = field(default=None, metadata={"help": "Hub data set name or a local saved data set (datasets.load_from_disk / load_dataset). Default: the built-in 'digits'."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Config name of the hub data set."})
-    train_data_dir: str | None = field(default=None, metadata={"help": "A folder of images (any depth). Overrides --dataset_name."})
+    train_data_dir: str | None = field(default=None, metadata={"help": "A folder of images (any depth). Give either this or --dataset_name."})
     image_column: str = field(default="image", metadata={"help": "Column holding the images in a datasets data set."})
     resolution: int = field(default=16, metadata={"help": "Images are resized to this square size."})
     center_crop: bool = field(default=False, metadata={"help": "Center-crop instead of random-crop to --resolution."})
@@ -69,10 +62,12 @@ class TrainConfig:
     skip_bad_images: bool = field(default=False, metadata={"help": "Skip and count corrupt images instead of failing."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     cache_dir: str | None = field(default=None, metadata={"help": "Cache directory for hub data sets."})
+    preserve_input_precision: bool = field(default=False, metadata={"help": "Read 16-bit images at full precision instead of rounding them to 8 bits first."})
 
     # ---- model and diffusion ---------------------------------------------------------------
     model_preset: str = field(default="tiny", metadata={"help": "UNet2DModel size: tiny (CPU demo, tests), small, ddpm-cifar10, ddpm-256."})
-    model_config_name_or_path: str | None = field(default=None, metadata={"help": "A UNet2DModel config (folder or JSON file); overrides --model_preset."})
+    model_config_name_or_path: str | None = field(default=None, metadata={"help": "A UNet2DModel config: a folder, a JSON file or a Hub model id; overrides --model_preset."})
+    enable_xformers_memory_efficient_attention: bool = field(default=False, metadata={"help": "Accepted for diffusers compatibility: attention already runs on PyTorch's scaled_dot_product_attention (the same memory savings); a notice says so."})
     ddpm_num_steps: int = field(default=1000, metadata={"help": "Diffusion timesteps of the DDPMScheduler."})
     ddpm_beta_schedule: str = field(default="linear", metadata={"help": "linear, scaled_linear or squaredcos_cap_v2."})
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = field(default="epsilon", metadata={"help": "What the UNet predicts."})
@@ -112,6 +107,8 @@ class TrainConfig:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing into a non-empty output directory that holds another run."})
     report_to: str = field(default="none", metadata={"help": "wandb, tensorboard, all or none (metrics.jsonl is always written)."})
     logger: str | None = field(default=None, metadata={"help": "Alias of --report_to (diffusers' flag name)."})
+    logging_dir: str = field(default="logs", metadata={"help": "TensorBoard log folder, relative to --output_dir (as in diffusers)."})
+    local_rank: int = field(default=-1, metadata={"help": "Accepted for diffusers compatibility; the launcher's LOCAL_RANK decides."})
     tracker_project_name: str = field(default="diffusers-optim", metadata={"help": "W&B / TensorBoard project name."})
     wandb_entity: str | None = field(default=None, metadata={"help": "W&B entity (team or user)."})
     run_group: str | None = field(default=None, metadata={"help": "W&B group; all runs of one comparison share it."})
@@ -121,9 +118,11 @@ class TrainConfig:
     validation_steps: int = field(default=50, metadata={"help": "Validation loss every N steps (0: only at the end)."})
     sample_steps: int = field(default=250, metadata={"help": "Sample grid every N steps (0: only at the end)."})
     eval_steps: int = field(default=0, metadata={"help": "Sample-quality metrics every N steps (0: only at the end)."})
-    num_samples: int = field(default=16, metadata={"help": "Images in the sample grid (fixed-seed noise)."})
+    num_samples: int = field(default=16, metadata={"aliases": ["--eval_batch_size"], "help": "Images in the sample grid (fixed-seed noise); --eval_batch_size is diffusers' name."})
     num_eval_samples: int = field(default=256, metadata={"help": "Samples drawn for the quality metrics."})
-    num_inference_steps: int = field(default=100, metadata={"help": "DDPM sampling steps."})
+    num_inference_steps: int = field(default=100, metadata={"aliases": ["--ddpm_num_inference_steps"], "help": "DDPM sampling steps; --ddpm_num_inference_steps is diffusers' name."})
+    save_images_epochs: int | None = field(default=None, metadata={"help": "diffusers' cadence: a sample grid every N epochs (N x steps per epoch); replaces --sample_steps."})
+    save_model_epochs: int | None = field(default=None, metadata={"help": "diffusers' cadence: save the pipeline to --output_dir every N epochs (it is always saved at the end)."})
     inception_weights: str | None = field(default=None, metadata={"help": "Path to FID Inception weights on disk, for FID on non-digits data."})
 
     # ---- checkpoints ---------------------------------------------------------------------------
@@ -149,6 +148,11 @@ class TrainConfig:
                 if data.get(key):
                     data[key] = "<redacted>"
         return data
+
+
+def flag_aliases(cls: type = TrainConfig) -> dict[str, str]:
+    """diffusers' names of our flags (e.g. eval_batch_size -> num_samples), from each field's `aliases`."""
+    return {alias.lstrip("-"): f.name for f in dataclasses.fields(cls) for alias in f.metadata.get("aliases", ())}
 
 
 def field_types(cls: type = TrainConfig) -> dict[str, Any]:

@@ -48,6 +48,9 @@ def build_datasets(cfg: TrainConfig, channels: int) -> DataBundle:
         raise UserError(f"images must have 1 or 3 channels, got {channels}")
     if cfg.resolution < 1:
         raise UserError(f"--resolution must be positive, got {cfg.resolution}")
+    if cfg.train_data_dir and cfg.dataset_name:
+        # diffusers silently ignores --train_data_dir then; training on the data set the user did not mean is worse
+        raise UserError("give either --dataset_name or --train_data_dir, not both")
     if cfg.train_data_dir:
         folder = Path(cfg.train_data_dir).expanduser()
         paths = list_image_files(folder)
@@ -228,12 +231,20 @@ def resize_shorter_side(image: Image.Image, resolution: int) -> Image.Image:
     return image if size == (w, h) else image.resize(size, Image.BILINEAR)
 
 
-def decode(load: Callable[[Any], Image.Image], item: Any, channels: int, resolution: int) -> torch.Tensor:
-    """Fully decode one image to a uint8 tensor (C, H, W) whose shorter side is `resolution`."""
+def decode(load: Callable[[Any], Image.Image], item: Any, channels: int, resolution: int,
+           precise: bool = False) -> torch.Tensor:
+    """Fully decode one image to a (C, H, W) tensor on the 0-255 scale whose shorter side is `resolution`.
+
+    uint8, except 16-bit images with `precise` (--preserve_input_precision): float32, never rounded to 8 bits.
+    """
     with load(item) as raw:
-        image = convert_mode(raw, channels)
+        image = raw.convert("F") if precise and raw.mode.startswith("I") else convert_mode(raw, channels)
         image.load()
-    array = np.asarray(resize_shorter_side(image, resolution), dtype=np.uint8)
+    resized = resize_shorter_side(image, resolution)
+    if image.mode == "F":
+        array = np.asarray(resized, dtype=np.float32) / 257.0  # 0-65535 onto 0-255, keeping the fraction
+        return torch.from_numpy(array.copy()).unsqueeze(0).repeat(channels, 1, 1)
+    array = np.asarray(resized, dtype=np.uint8)
     return torch.from_numpy(array.reshape(*array.shape[:2], channels).copy()).permute(2, 0, 1)
 
 
@@ -264,7 +275,7 @@ def check_images(
         if len(good) >= limit:
             break
         try:
-            image = decode(load, item, channels, cfg.resolution)
+            image = decode(load, item, channels, cfg.resolution, cfg.preserve_input_precision)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             if not cfg.skip_bad_images:
                 raise UserError(
@@ -295,6 +306,7 @@ class ImageItems(torch.utils.data.Dataset):
             not cfg.center_crop,
             cfg.random_flip,
         )
+        self.precise = cfg.preserve_input_precision
 
     def __len__(self) -> int:
         return len(self.items)
@@ -303,7 +315,7 @@ class ImageItems(torch.utils.data.Dataset):
         if self.cache is not None:
             image = self.cache[i]
         else:
-            image = decode(self.load, self.items[i], self.channels, self.resolution)
+            image = decode(self.load, self.items[i], self.channels, self.resolution, self.precise)
         image = crop(image, self.resolution, self.random_crop)
         if self.random_flip and torch.rand(()) < 0.5:
             image = image.flip(-1)

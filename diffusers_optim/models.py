@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -52,14 +53,38 @@ PRESETS: dict[str, dict[str, Any]] = {
 def load_unet_config(preset: str, config_path: str | None) -> dict[str, Any]:
     """The UNet config from a preset name or a user's config file/folder."""
     if config_path:
-        path = Path(config_path)
+        path = Path(config_path).expanduser()
         path = path / "config.json" if path.is_dir() else path
-        if not path.is_file():
-            raise UserError(f"model config not found: {config_path}")
-        return UNet2DModel.load_config(str(path.parent) if path.name == "config.json" else str(path))
+        if path.is_file():
+            return UNet2DModel.load_config(str(path.parent) if path.name == "config.json" else str(path))
+        if looks_like_hub_id(config_path):
+            return load_hub_unet_config(config_path)
+        raise UserError(f"model config not found: {config_path}")
     if preset not in PRESETS:
         raise unknown_choice("model preset", preset, PRESETS)
     return dict(PRESETS[preset])
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """'owner/name' or 'name' with no path syntax (diffusers' examples pass e.g. diffusers/ddpm_dummy)."""
+    parts = text.split("/")
+    return len(parts) <= 2 and all(parts) and not text.startswith((".", "~")) and not text.endswith(".json")
+
+
+def load_hub_unet_config(repo_id: str) -> dict[str, Any]:
+    """A UNet config from the Hub (or the local Hub cache); offline or unknown ids are explained in one line."""
+    from huggingface_hub.utils import HfHubHTTPError
+
+    try:
+        return dict(UNet2DModel.load_config(repo_id))
+    except (OSError, ValueError, HfHubHTTPError) as err:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        why = ("HF_HUB_OFFLINE is set and it is not in the local Hub cache" if offline
+               else f"it could not be loaded from the Hub ({str(err).splitlines()[0]})")
+        raise UserError(
+            f"--model_config_name_or_path {repo_id}: not a local folder or file, and as a Hub model id {why}. "
+            f"Fetch it once online (huggingface-cli download {repo_id} config.json) or pass a local config.json"
+        ) from None
 
 
 def downsample_factor(config: dict[str, Any]) -> int:

@@ -77,6 +77,10 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.accelerator = build_accelerator(cfg)
         check_device(self.spec, self.accelerator.device)
+        if cfg.enable_xformers_memory_efficient_attention:
+            logger.warning("--enable_xformers_memory_efficient_attention: not needed, attention already runs on "
+                           "PyTorch's scaled_dot_product_attention (memory-efficient and flash kernels); "
+                           "xformers is not used", main_process_only=True)
         # decided on the main process, the others wait for its verdict (checks run by every process raced)
         self.resume_path = decided_on_main(self.accelerator, lambda: check_output_dir(cfg, self.out))
         # before the data scan, which can take minutes on a large folder
@@ -88,6 +92,7 @@ class Trainer:
         self.optimizer = create_optimizer(self.model, self.spec.name, **self.hparams)
         self.routing_keys = routing_keys(self.model, self.spec.param_routing)  # to log each routed group's lr
         self.max_steps = num_train_steps(cfg, len(self.data.train), self.accelerator.num_processes)
+        self.save_model_steps = resolve_epoch_cadences(cfg, len(self.data.train), self.accelerator.num_processes)
         # resolved once, here, and recorded in config.json as used
         cfg.lr_scheduler = resolve_lr_scheduler(cfg.lr_scheduler, self.spec.schedule_free)
         if cfg.lr_warmup_steps is None:
@@ -268,7 +273,9 @@ class Trainer:
             self.metrics.log(record, self.step)
         if self._due(self.cfg.sample_steps) or last:
             self.sample_grid()
-        if self._due(self.cfg.checkpointing_steps) and not last:
+        if self._due(self.save_model_steps) and not last:  # diffusers' --save_model_epochs; the end saves anyway
+            self.save_model()
+        if self._due(self.cfg.checkpointing_steps):  # the last step too: a longer run can resume from it
             self.save_checkpoint()
         if log_step:  # throughput counts training only, not the validation/sampling just done
             self.t_interval_start = time.perf_counter()
@@ -379,6 +386,13 @@ class Trainer:
                 result = self.quality.evaluate(samples)
         self.accelerator.wait_for_everyone()
         return result
+
+    def save_model(self) -> None:
+        """The pipeline with the current (EMA) weights in --output_dir, as diffusers' --save_model_epochs does."""
+        if self.accelerator.is_main_process:
+            with self.sampling_weights() as unet:
+                save_pipeline(unet, self.noise_scheduler, self.out)
+        self.accelerator.wait_for_everyone()
 
     def sample_grid(self) -> None:
         """The fixed-seed sample grid (EMA weights when EMA is on), saved as PNG and sent to the trackers."""
@@ -530,7 +544,8 @@ class Trainer:
 # ---- build helpers ---------------------------------------------------------------------------------------
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
     trackers = resolve_trackers(cfg.report_to)
-    project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs"))
+    # --logging_dir is relative to --output_dir, as in diffusers (an absolute path stays as it is)
+    project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, cfg.logging_dir))
     # `accelerate launch` on a machine without CUDA does not pass use_cpu on to the workers: ask for CPU here so
     # several processes join one gloo group instead of training alone and writing the same folder.
     distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
@@ -608,12 +623,25 @@ def build_quality(cfg: TrainConfig, data):
     return build_quality_metric(data.name, cfg.inception_weights, data.validation)
 
 
+def steps_per_epoch(cfg: TrainConfig, num_images: int, num_processes: int) -> int:
+    """Optimizer steps in one pass over the training images (the last batch may be partial)."""
+    per_step = cfg.train_batch_size * num_processes * cfg.gradient_accumulation_steps
+    return max(1, math.ceil(num_images / per_step))
+
+
 def num_train_steps(cfg: TrainConfig, num_images: int, num_processes: int) -> int:
     """--max_train_steps, or --num_epochs converted to optimizer steps."""
     if cfg.num_epochs is None:
         return cfg.max_train_steps
-    per_step = cfg.train_batch_size * num_processes * cfg.gradient_accumulation_steps
-    return max(1, math.ceil(cfg.num_epochs * num_images / per_step))
+    return max(1, math.ceil(cfg.num_epochs * steps_per_epoch(cfg, num_images, num_processes)))
+
+
+def resolve_epoch_cadences(cfg: TrainConfig, num_images: int, num_processes: int) -> int:
+    """diffusers' epoch cadences as steps: --save_images_epochs sets sample_steps; returns the pipeline-save interval."""
+    per_epoch = steps_per_epoch(cfg, num_images, num_processes)
+    if cfg.save_images_epochs is not None:
+        cfg.sample_steps = cfg.save_images_epochs * per_epoch
+    return (cfg.save_model_epochs or 0) * per_epoch
 
 
 def check_device(spec, device: torch.device) -> None:

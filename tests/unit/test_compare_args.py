@@ -58,7 +58,7 @@ def test_same_optimizer_twice_gets_distinct_labels():
         (["--learning_rate", "0.1"], "set by the comparison"),
         (["--seed", "3"], "set by the comparison"),
         (["--max_train_step", "3"], "Did you mean --max_train_steps"),
-        (["--save_images_epochs", "3"], "every N optimizer steps: --sample_steps N"),
+        (["--batch_size", "3"], "Did you mean --train_batch_size"),
         (["--max_train_steps", "many"], "cannot read 'many' as int"),
         (["--accelerate_config", "/nonexistent.yaml"], "accelerate config not found"),
     ],
@@ -215,3 +215,8 @@ def test_accelerate_config_launches_the_training_script(tmp_path):
     assert cmd[launch - 1] in ("launch", "accelerate.commands.launch") and cmd[launch + 1] == str(config)
     assert cmd[launch + 2].endswith("train_scripts/train_unconditional.py")
     assert cmd[launch + 3 :][:4] == ["--optimizer", "lion", "--learning_rate", "3e-05"]
+
+
+def test_diffusers_flag_names_pass_through_as_ours():
+    assert compare.parse_passthrough(["--eval_batch_size", "4", "--ddpm_num_inference_steps=2"]) == [
+        ("num_samples", "4"), ("num_inference_steps", "2")]

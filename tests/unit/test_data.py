@@ -326,10 +326,26 @@ def test_hub_dataset_offline_is_a_user_error(tmp_path, monkeypatch):
         build_datasets(cfg, 3)
 
 
-def test_train_data_dir_wins_over_dataset_name(tmp_path):
+def test_both_data_flags_are_an_error(tmp_path):
+    """diffusers would silently ignore --train_data_dir; we ask which one is meant, before any scan."""
     _folder(tmp_path / "imgs", n=5)
-    bundle = build_datasets(_cfg(train_data_dir=str(tmp_path / "imgs"), dataset_name="someone/x"), 1)
-    assert bundle.name == "imgs"
+    with pytest.raises(UserError, match="either --dataset_name or --train_data_dir, not both"):
+        build_datasets(_cfg(train_data_dir=str(tmp_path / "imgs"), dataset_name="someone/x"), 1)
+
+
+def test_preserve_input_precision_keeps_16_bit_levels(tmp_path):
+    """Two 16-bit levels 1/65535 apart are one value after 8-bit rounding, two with --preserve_input_precision."""
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    for i, level in enumerate((30000, 30001, 30002)):
+        Image.fromarray(np.full((8, 8), level, dtype=np.uint16)).save(folder / f"{i}.png")
+    coarse = build_datasets(_cfg(train_data_dir=str(folder), num_validation_images=0), 3)
+    fine = build_datasets(_cfg(train_data_dir=str(folder), num_validation_images=0,
+                               preserve_input_precision=True), 3)
+    assert len({float(coarse.train[i].mean()) for i in range(3)}) == 1
+    levels = [float(fine.train[i].mean()) for i in range(3)]
+    assert levels == pytest.approx([lv / 65535 * 2 - 1 for lv in (30000, 30001, 30002)], abs=1e-6)
+    assert fine.train[0].shape == (3, 8, 8)
 
 
 @pytest.mark.parametrize("source", ["folder", "saved"])
