@@ -35,8 +35,6 @@ from diffusers_optim.report import last_value, read_json, read_metrics, summariz
 
 logger = logging.getLogger(__name__)
 
-# generic spec keys -> the trainer's flags; `betas=(b1,b2)` is split over adam_beta1/adam_beta2
-GENERIC_FLAGS = {"weight_decay": "adam_weight_decay", "eps": "adam_epsilon", "momentum": "momentum"}
 FALLBACK_LR = 1e-4  # for a registry entry without a default lr
 # flags the comparison sets per run; passing them through would break the equal-budget design
 CONTROLLED_FLAGS = (
@@ -59,13 +57,12 @@ Launcher = Callable[[list[str], Path], int]
 
 @dataclass(frozen=True)
 class OptimizerChoice:
-    """One `name[:k=v,...]` from --optimizers, validated and split into trainer flags."""
+    """One `name[:k=v,...]` from --optimizers, resolved once by the registry."""
 
     text: str  # as the user wrote it
     name: str  # the registry's canonical name
     lr: float  # base learning rate (the spec's lr=, else the registry default)
-    flags: dict[str, str]  # trainer flags from generic keys, e.g. {"momentum": "0.9"}
-    extra: str | None  # the rest, for --optimizer_args
+    extra: str | None  # every other resolved hyperparameter in the optimizer's own names, for --optimizer_args
     label: str = ""  # what runs and reports group by (the name, unless two specs share it)
 
 
@@ -115,30 +112,20 @@ def parse_float(text: str, what: str, positive: bool = True) -> float:
     return value
 
 
-def generic_flags(hparams: dict[str, Any]) -> dict[str, str]:
-    """The trainer flags of a spec's generic hyperparameters (lr aside), e.g. betas -> adam_beta1/2."""
-    flags = {GENERIC_FLAGS[k]: str(v) for k, v in hparams.items() if k in GENERIC_FLAGS}
-    betas = hparams.get("betas")
-    if betas is not None:
-        betas = betas if isinstance(betas, (tuple, list)) else (betas,)
-        flags.update(zip(("adam_beta1", "adam_beta2"), map(str, betas)))
-    return flags
-
-
 def resolve_choice(text: str) -> OptimizerChoice:
-    """Validate one spec with the registry (name, arguments, ranges) and split it into lr, flags, extras."""
-    from diffusers_optim.optim import GENERIC_HPARAMS, get_spec, parse_optimizer_args, resolved_hparams
+    """Resolve one spec with the registry (name, arguments, ranges): its lr and the rest as --optimizer_args."""
+    from diffusers_optim.optim import format_optimizer_args, get_spec, parse_optimizer_args, resolve
 
     name, raw = parse_spec_text(text)
     spec = get_spec(name)
     try:
-        hparams = parse_optimizer_args(",".join(f"{k}={v}" for k, v in raw.items()))
-        resolved_hparams(spec.name, **hparams)
+        resolved = resolve(spec, parse_optimizer_args(",".join(f"{k}={v}" for k, v in raw.items())))
     except UserError as err:
         raise UserError(f"optimizer spec '{text}': {err}") from None
-    lr = hparams.get("lr") or spec.defaults.get("lr") or FALLBACK_LR
-    extra = ",".join(f"{k}={v}" for k, v in raw.items() if k not in GENERIC_HPARAMS) or None
-    return OptimizerChoice(text=text, name=spec.name, lr=float(lr), flags=generic_flags(hparams), extra=extra)
+    lr_name = spec.hparam_names.get("lr", "lr")
+    rest = {k: v for k, v in resolved.kwargs.items() if k != lr_name}
+    return OptimizerChoice(text=text, name=spec.name, lr=float(resolved.lr or FALLBACK_LR),
+                           extra=format_optimizer_args(rest) or None)
 
 
 def resolve_choices(texts: list[str]) -> list[OptimizerChoice]:
@@ -148,7 +135,7 @@ def resolve_choices(texts: list[str]) -> list[OptimizerChoice]:
     choices = [resolve_choice(t) for t in texts]
     seen: dict[tuple, str] = {}
     for c in choices:
-        key = (c.name, c.lr, tuple(sorted(c.flags.items())), c.extra)
+        key = (c.name, c.lr, c.extra)
         if key in seen:
             raise UserError(f"optimizer specs '{seen[key]}' and '{c.text}' are the same run; list each once")
         seen[key] = c.text
@@ -216,8 +203,6 @@ def plan_run(
     name = f"{choice.label}-lr{fmt_lr(lr)}-s{seed}"
     path = f"{'tuning' if stage == 'tune' else 'runs'}/{name}"
     args = [*common, "--optimizer", choice.name, "--learning_rate", fmt_lr(lr), "--seed", str(seed)]
-    for flag, value in choice.flags.items():
-        args += [f"--{flag}", value]
     if choice.extra:
         args += ["--optimizer_args", choice.extra]
     args += ["--run_group", group, "--run_name", name]

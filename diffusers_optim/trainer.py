@@ -38,11 +38,12 @@ from diffusers_optim.errors import UserError
 from diffusers_optim.metrics.buckets import BucketMeter, bucket_keys, bucket_means
 from diffusers_optim.models import build_noise_scheduler, build_unet, check_resolution, load_unet_config
 from diffusers_optim.optim import (
-    create_optimizer,
+    ResolvedOptimizer,
+    build,
     get_spec,
     optimizer_state_bytes,
     parse_optimizer_args,
-    resolved_hparams,
+    resolve,
 )
 from diffusers_optim.optim.groups import group_lrs, routing_keys
 from diffusers_optim.progress import RunStatus, setup_console_logging
@@ -70,8 +71,9 @@ class Trainer:
         self.spec = get_spec(cfg.optimizer)
         self.channels = 1 if _is_digits(cfg) else 3
         check_resolution(load_unet_config(cfg.model_preset, cfg.model_config_name_or_path), cfg.resolution)
-        self.hparams = build_hparams(cfg, self.spec)
-        self.run_name = cfg.run_name or f"{self.spec.name}-lr{self.hparams['lr']:g}-s{cfg.seed}"
+        self.resolved = resolve_optimizer(cfg, self.spec)  # the one place the user's hyperparameters are resolved
+        self.hparams = dict(self.resolved.kwargs)
+        self.run_name = cfg.run_name or f"{self.spec.name}-lr{self.resolved.lr:g}-s{cfg.seed}"
         # `{run_name}` in --output_dir gives every run of a sweep its own folder
         cfg.output_dir = cfg.output_dir.replace("{run_name}", self.run_name)
         self.out = Path(cfg.output_dir)
@@ -89,7 +91,7 @@ class Trainer:
         self.model = build_unet(cfg.model_preset, cfg.resolution, self.channels, cfg.init_seed,
                                 cfg.model_config_name_or_path)
         self.noise_scheduler = build_noise_scheduler(cfg.ddpm_num_steps, cfg.ddpm_beta_schedule, cfg.prediction_type)
-        self.optimizer = create_optimizer(self.model, self.spec.name, **self.hparams)
+        self.optimizer = build(self.resolved, self.model)
         self.routing_keys = routing_keys(self.model, self.spec.param_routing)  # to log each routed group's lr
         self.max_steps = num_train_steps(cfg, len(self.data.train), self.accelerator.num_processes)
         self.save_model_steps = resolve_epoch_cadences(cfg, len(self.data.train), self.accelerator.num_processes)
@@ -473,7 +475,7 @@ class Trainer:
 
     def tracker_config(self, run_config: dict[str, Any]) -> dict[str, Any]:
         """Flags at the top level (W&B panels group by `optimizer`, `learning_rate`...), the rest nested."""
-        flags = {**run_config["config"], "optimizer": self.spec.name, "learning_rate": self.hparams["lr"]}
+        flags = {**run_config["config"], "optimizer": self.spec.name, "learning_rate": self.resolved.lr}
         rest = {k: v for k, v in run_config.items() if k not in ("config", "optimizer")}
         return {**flags, "optimizer_spec": run_config["optimizer"], **rest}
 
@@ -560,7 +562,7 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     return accelerator
 
 
-def build_hparams(cfg: TrainConfig, spec) -> dict[str, Any]:
+def resolve_optimizer(cfg: TrainConfig, spec) -> ResolvedOptimizer:
     """Generic flags + --optimizer_args -> the registry's keyword arguments, validated (UserError if bad)."""
     extras = parse_optimizer_args(cfg.optimizer_args) if cfg.optimizer_args else {}
     betas = None
@@ -574,7 +576,7 @@ def build_hparams(cfg: TrainConfig, spec) -> dict[str, Any]:
                 raise UserError(f"'{key}' is given twice: as a flag and in --optimizer_args; keep one")
             generic[key] = extras.pop(key)
     generic = {k: v for k, v in generic.items() if v is not None}
-    return resolved_hparams(spec.name, **generic, **extras)
+    return resolve(spec, {**generic, **extras})
 
 
 def build_ema(cfg: TrainConfig, model: torch.nn.Module):

@@ -65,3 +65,21 @@ def parse_optimizer_args(text: str | None) -> dict[str, Any]:
             raise UserError(f"--optimizer_args: '{key}' is given twice")
         result[key] = parse_value(value)
     return result
+
+
+def format_value(value: Any) -> str:
+    """The --optimizer_args text that parse_value reads back as `value`."""
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    if isinstance(value, (tuple, list)):
+        return "(" + ",".join(format_value(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str) and (parse_value(value) != value or any(c in value for c in ",()=")):
+        raise UserError(f"cannot write the value {value!r} into --optimizer_args")
+    return str(value)
+
+
+def format_optimizer_args(values: dict[str, Any]) -> str:
+    """"k=v,k2=v2" that parse_optimizer_args reads back as `values` (resolved hyperparameters into a command)."""
+    return ",".join(f"{key}={format_value(value)}" for key, value in values.items())

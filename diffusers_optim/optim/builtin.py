@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from diffusers_optim.optim.groups import muon_routing
-from diffusers_optim.optim.registry import OptimizerSpec, register_optimizer
+from diffusers_optim.optim.spec import OptimizerSpec
 
 ADAM_NAMES = {"lr": "lr", "betas": "betas", "eps": "eps", "weight_decay": "weight_decay"}
 NO_EPS_NAMES = {"lr": "lr", "betas": "betas", "weight_decay": "weight_decay"}
@@ -252,6 +252,3 @@ BUILTIN_SPECS = [
         hparam_names=ADAM_NAMES,
     ),
 ]
-
-for _spec in BUILTIN_SPECS:
-    register_optimizer(_spec)

@@ -1,17 +1,22 @@
-"""Build an optimizer by name: generic hyperparameters mapped onto its own arguments, checked before use."""
+"""Resolve, then build: `resolve(name, hparams)` maps generic hyperparameters onto the optimizer's own arguments
+and checks them (once, before anything is built); `build(resolved, params)` makes the torch optimizer.
+"""
 
 from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import torch
 
 from diffusers_optim.errors import UserError, closest_match
 from diffusers_optim.optim.groups import param_groups
-from diffusers_optim.optim.registry import GENERIC_HPARAMS, OptimizerSpec, get_spec
+from diffusers_optim.optim.registry import OptimizerRegistry, default_registry
+from diffusers_optim.optim.spec import GENERIC_HPARAMS, OptimizerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -83,20 +88,30 @@ def _warn_ignored(spec: OptimizerSpec, generic: dict[str, Any]) -> None:
             logger.warning("optimizer '%s' has no %s; ignoring %s=%r", spec.name, key, key, value)
 
 
-def resolved_hparams(
-    name: str,
-    *,
-    lr: float | None = None,
-    weight_decay: float | None = None,
-    betas: tuple[float, ...] | None = None,
-    momentum: float | None = None,
-    eps: float | None = None,
-    **extras: Any,
-) -> dict[str, Any]:
-    """The keyword arguments the optimizer is built with, in its own names (None = the spec's default)."""
-    spec = get_spec(name)
-    generic = dict(lr=lr, weight_decay=weight_decay, betas=betas, momentum=momentum, eps=eps)
-    generic["betas"] = _fill_betas(spec, betas)
+@dataclass(frozen=True)
+class ResolvedOptimizer:
+    """A spec and the exact keyword arguments it is built with (its own names, defaults filled, checked)."""
+
+    spec: OptimizerSpec
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kwargs", MappingProxyType(dict(self.kwargs)))
+
+    @property
+    def lr(self) -> float | None:
+        """The peak learning rate (Prodigy-style: the multiplier)."""
+        return self.kwargs.get(self.spec.hparam_names.get("lr", "lr"))
+
+
+def resolve(
+    name: str | OptimizerSpec, hparams: Mapping[str, Any] | None = None, registry: OptimizerRegistry | None = None
+) -> ResolvedOptimizer:
+    """Generic names (lr, betas, ...) and the optimizer's own extras -> its keyword arguments; UserError if bad."""
+    spec = name if isinstance(name, OptimizerSpec) else (registry or default_registry()).get(name)
+    extras = dict(hparams or {})
+    generic = {key: extras.pop(key, None) for key in GENERIC_HPARAMS}
+    generic["betas"] = _fill_betas(spec, generic["betas"])
     _warn_ignored(spec, generic)
     validate_generic(spec.name, generic)
     kwargs = {k: v for k, v in spec.defaults.items() if k not in GENERIC_HPARAMS}
@@ -108,28 +123,28 @@ def resolved_hparams(
             kwargs[own_name] = value
     kwargs.update(extras)
     _check_accepted(spec, kwargs)
-    return kwargs
+    if "lr" in spec.hparam_names and spec.hparam_names["lr"] not in kwargs:
+        raise UserError(f"optimizer '{spec.name}' has no default learning rate: pass --learning_rate")
+    return ResolvedOptimizer(spec, kwargs)
 
 
-def create_optimizer(
-    model_or_params: torch.nn.Module | Iterable,
-    name: str,
-    *,
-    lr: float | None = None,
-    weight_decay: float | None = None,
-    betas: tuple[float, ...] | None = None,
-    momentum: float | None = None,
-    eps: float | None = None,
-    **extras: Any,
-) -> torch.optim.Optimizer:
-    """A torch optimizer from the registry; biases and norm weights get no weight decay."""
-    spec = get_spec(name)
-    kwargs = resolved_hparams(
-        spec.name, lr=lr, weight_decay=weight_decay, betas=betas, momentum=momentum, eps=eps, **extras
-    )
+def build(resolved: ResolvedOptimizer, model_or_params: torch.nn.Module | Iterable) -> torch.optim.Optimizer:
+    """The torch optimizer of a resolved spec; biases and norm weights get no weight decay."""
+    spec, kwargs = resolved.spec, dict(resolved.kwargs)
     groups = param_groups(model_or_params, None, spec.param_routing)
     try:
         return spec.load_factory()(groups, **kwargs)
     except (ValueError, TypeError) as err:
         # The optimizer's own argument checks (e.g. a beta it does not accept) are still the user's input.
         raise UserError(f"optimizer '{spec.name}' rejected its hyperparameters {kwargs}: {err}") from err
+
+
+def resolved_hparams(name: str, **hparams: Any) -> dict[str, Any]:
+    """The keyword arguments the optimizer is built with, in its own names (None = the spec's default)."""
+    return dict(resolve(name, {k: v for k, v in hparams.items() if v is not None or k not in GENERIC_HPARAMS}).kwargs)
+
+
+def create_optimizer(model_or_params: torch.nn.Module | Iterable, name: str, **hparams: Any) -> torch.optim.Optimizer:
+    """A torch optimizer by registry name or import path, from generic and own hyperparameters."""
+    return build(resolve(name, {k: v for k, v in hparams.items() if v is not None or k not in GENERIC_HPARAMS}),
+                 model_or_params)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from diffusers_optim.optim.registry import ParamRouting
+from diffusers_optim.optim.spec import ParamRouting
 
 # Muon is for hidden weight matrices; the common advice (Keller Jordan's Muon notes, Moonlight) keeps the
 # input layer, the output layer and embeddings on AdamW. These are their names in diffusers' UNets.

@@ -13,12 +13,21 @@ from diffusers_optim.config import parse_train_args
 from diffusers_optim.errors import UserError
 
 
-def test_spec_parsing_maps_generic_keys_to_trainer_flags():
+def test_spec_is_resolved_once_and_passed_as_optimizer_args():
+    """The registry resolves a spec here; runs get its own argument names, never a round trip through flags."""
+    from diffusers_optim.optim import get_spec, parse_optimizer_args, resolve
+    from diffusers_optim.trainer import resolve_optimizer
+
     sgd = compare.resolve_choice("sgd:lr=0.01,momentum=0.9")
-    assert (sgd.name, sgd.lr, sgd.flags, sgd.extra) == ("sgd", 0.01, {"momentum": "0.9"}, None)
-    adamw = compare.resolve_choice("adamw:betas=(0.9,0.99),weight_decay=0.01,amsgrad=true")
-    assert adamw.flags == {"adam_beta1": "0.9", "adam_beta2": "0.99", "adam_weight_decay": "0.01"}
-    assert adamw.extra == "amsgrad=true"
+    assert (sgd.name, sgd.lr) == ("sgd", 0.01)
+    assert parse_optimizer_args(sgd.extra) == {"momentum": 0.9, "weight_decay": 0.0, "nesterov": False}
+    (adamw,) = compare.resolve_choices(["adamw:betas=(0.9,0.99),weight_decay=0.01,amsgrad=true"])
+    expected = resolve("adamw", {"betas": (0.9, 0.99), "weight_decay": 0.01, "amsgrad": True}).kwargs
+    assert parse_optimizer_args(adamw.extra) == {k: v for k, v in expected.items() if k != "lr"}
+    run = compare.plan_run(adamw, adamw.lr, 0, "final", [], "g")
+    cfg = parse_train_args([*run.args, "--output_dir", "x"])
+    assert (cfg.adam_beta1, cfg.adam_weight_decay) == (None, None)  # no generic flags: only --optimizer_args
+    assert dict(resolve_optimizer(cfg, get_spec("adamw")).kwargs) == dict(expected)
     # without lr= the registry's default is the base lr (a multiplier of 1.0 for Prodigy-style entries)
     assert compare.resolve_choice("adamw").lr == pytest.approx(1e-4)
 
@@ -43,8 +52,11 @@ def test_bad_specs_are_user_errors(specs, message):
 
 
 def test_same_optimizer_twice_gets_distinct_labels():
-    labels = [c.label for c in compare.resolve_choices(["sgd:lr=0.01", "sgd:lr=0.01,momentum=0.9", "lion"])]
-    assert labels == ["sgd-lr0.01", "sgd-lr0.01-momentum0.9", "lion"]
+    labels = [c.label for c in compare.resolve_choices(["sgd:lr=0.01", "sgd:lr=0.01,momentum=0.5", "lion"])]
+    assert labels == ["sgd-lr0.01", "sgd-lr0.01-momentum0.5", "lion"]
+    # resolved, sgd's default momentum 0.9 written out is the same run as leaving it out
+    with pytest.raises(UserError, match="are the same run"):
+        compare.resolve_choices(["sgd:lr=0.01", "sgd:lr=0.01,momentum=0.9"])
 
 
 @pytest.mark.parametrize(
@@ -85,10 +97,8 @@ def test_plan_shares_every_flag_but_the_optimizer(tmp_path):
     ]
     cfgs = [parse_train_args(r.args + ["--output_dir", str(tmp_path)]) for r in runs]
     assert {(c.max_train_steps, c.use_ema, c.init_seed, c.run_group) for c in cfgs} == {(30, True, 5, "cmp")}
-    assert [(c.optimizer, c.learning_rate, c.momentum, c.seed) for c in cfgs[1:3]] == [
-        ("adamw", 1e-4, None, 1),
-        ("sgd", 0.01, 0.9, 0),
-    ]
+    assert [(c.optimizer, c.learning_rate, c.seed) for c in cfgs[1:3]] == [("adamw", 1e-4, 1), ("sgd", 0.01, 0)]
+    assert "momentum=0.9" in cfgs[2].optimizer_args.split(",")  # resolved hyperparameters, in sgd's own names
     assert cfgs[3].run_name == "sgd-lr0.01-s1"
     cmd = compare.trainer_command(runs[0], tmp_path, None)
     assert cmd[1:4] == ["-m", "diffusers_optim.cli", "train"] and cmd[-2:] == [

@@ -14,8 +14,10 @@ import torch
 from diffusers_optim.errors import UserError
 from diffusers_optim.models import build_unet
 from diffusers_optim.optim import (
+    OptimizerRegistry,
     OptimizerSpec,
     create_optimizer,
+    default_registry,
     get_spec,
     list_optimizers,
     optimizer_state_bytes,
@@ -23,6 +25,7 @@ from diffusers_optim.optim import (
     parse_optimizer_args,
     register_optimizer,
     registry,
+    resolve,
     resolved_hparams,
 )
 
@@ -37,10 +40,8 @@ def tiny_unet() -> torch.nn.Module:
 
 @pytest.fixture
 def clean_registry(monkeypatch):
-    """A registry that forgets what a test registers."""
-    registry.list_optimizers()  # built-ins in first, so the copies hold them
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    monkeypatch.setattr(registry, "_ALIASES", dict(registry._ALIASES))
+    """The default registry swapped for a copy, so what a test registers is forgotten after it."""
+    monkeypatch.setattr(registry, "_default", registry.default_registry().copy())
 
 
 def one_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -112,7 +113,7 @@ def fake_entry_point(name: str, target: str) -> importlib.metadata.EntryPoint:
     return importlib.metadata.EntryPoint(name=name, value=target, group=registry.ENTRY_POINT_GROUP)
 
 
-def test_entry_point_plugins_load_lazily_and_broken_ones_warn(clean_registry, monkeypatch, caplog) -> None:
+def test_entry_point_plugins_load_and_broken_ones_warn(clean_registry, monkeypatch, caplog) -> None:
     plugin = types.ModuleType("fake_optim_plugin")
     plugin.SPEC = OptimizerSpec(name="plugin_sgd", factory=torch.optim.SGD, description="plug-in SGD",
                                 defaults={"lr": 0.1}, hparam_names={"lr": "lr"})  # fmt: skip
@@ -122,10 +123,10 @@ def test_entry_point_plugins_load_lazily_and_broken_ones_warn(clean_registry, mo
                     fake_entry_point("many", "fake_optim_plugin:make_specs"),
                     fake_entry_point("broken", "no_such_module_xyz:SPEC")]  # fmt: skip
     monkeypatch.setattr(registry, "_entry_points", lambda: entry_points)
-    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    monkeypatch.setattr(registry, "_default", None)  # rebuilt on first use: built-ins, then these plug-ins
     with caplog.at_level(logging.WARNING):
         names = list_optimizers()
-    assert {"plugin_sgd", "plugin_adam"} <= set(names)
+    assert {"plugin_sgd", "plugin_adam", "adamw"} <= set(names)
     assert "'broken'" in caplog.text and "no_such_module_xyz" in caplog.text
     optimizer = create_optimizer(torch.nn.Linear(2, 2), "plugin_sgd")
     assert optimizer.param_groups[0]["lr"] == 0.1
@@ -176,15 +177,31 @@ def test_one_beta_keeps_the_other_defaults() -> None:
     assert resolved_hparams("ademamix", betas=(None, 0.99))["betas"] == (0.9, 0.99, 0.9999)
 
 
-def test_register_before_lookup_keeps_builtin_names(monkeypatch) -> None:
-    monkeypatch.setattr(registry, "_REGISTRY", {})
-    monkeypatch.setattr(registry, "_ALIASES", {})
-    monkeypatch.setattr(registry, "_builtins_loaded", False)
-    monkeypatch.setattr(registry, "_plugins_loaded", True)
-    monkeypatch.delitem(sys.modules, "diffusers_optim.optim.builtin")
+def test_a_fresh_registry_is_independent_and_builtins_keep_their_names() -> None:
+    fresh = OptimizerRegistry()
+    mine = fresh.register(OptimizerSpec(name="sgd", factory=torch.optim.SGD, description="mine",
+                                        hparam_names={"lr": "lr"}))
+    assert fresh.names() == ["sgd"] and fresh.get("sgd") is mine
+    assert get_spec("sgd").description != "mine"  # the default registry is untouched
     with pytest.raises(ValueError, match="already registered"):
-        register_optimizer(OptimizerSpec(name="sgd", factory=torch.optim.SGD, description="mine"))
-    assert get_spec("sgd").description != "mine"
+        OptimizerRegistry([*default_registry().copy()._specs.values(), mine])
+    assert resolve("sgd", {"lr": 0.5}, registry=fresh).kwargs == {"lr": 0.5}
+
+
+def test_optim_modules_have_no_import_circle() -> None:
+    """Every mention of diffusers_optim.optim.X (import statements and importlib strings) forms no cycle."""
+    import re
+    from pathlib import Path
+
+    folder = Path(registry.__file__).parent
+    graph = {p.stem: set(re.findall(r"diffusers_optim\.optim\.(\w+)", p.read_text())) - {p.stem}
+             for p in folder.glob("*.py") if p.stem != "__init__"}  # fmt: skip
+    done: set[str] = set()
+    while len(done) < len(graph):
+        ready = [m for m in graph if m not in done and graph[m] <= done | (set(graph[m]) - set(graph))]
+        assert ready, f"import circle among {sorted(set(graph) - done)}"
+        done.update(ready)
+    assert "registry" not in graph["builtin"] | graph["spec"] | graph["groups"]
 
 
 def test_extras_are_passed_and_parsed_generic_names_bind_as_flags() -> None:
