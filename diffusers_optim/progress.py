@@ -53,7 +53,9 @@ def setup_console_logging() -> None:
     if not any(isinstance(h, TqdmConsoleHandler) for h in package.handlers):
         handler = TqdmConsoleHandler()
         handler.setFormatter(PlainFormatter("%(message)s"))
-        handler.addFilter(lambda record: record.levelno < logging.WARNING)
+        # A handler on the package means Python's last-resort stderr handler is never used for its records, so
+        # warnings are printed here too unless the root logger has handlers of its own (then they go there).
+        handler.addFilter(lambda record: record.levelno < logging.WARNING or not logging.getLogger().handlers)
         package.addHandler(handler)
     if package.level == logging.NOTSET or package.level > logging.INFO:
         package.setLevel(logging.INFO)

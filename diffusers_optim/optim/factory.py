@@ -113,6 +113,7 @@ def resolve(
     generic = {key: extras.pop(key, None) for key in GENERIC_HPARAMS}
     generic["betas"] = _fill_betas(spec, generic["betas"])
     _warn_ignored(spec, generic)
+    generic = {k: (v if k in spec.hparam_names else None) for k, v in generic.items()}  # ignored: not checked
     validate_generic(spec.name, generic)
     kwargs = {k: v for k, v in spec.defaults.items() if k not in GENERIC_HPARAMS}
     for key, own_name in spec.hparam_names.items():

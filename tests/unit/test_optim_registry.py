@@ -217,6 +217,7 @@ def test_extras_are_passed_and_parsed_generic_names_bind_as_flags() -> None:
 def test_ignored_generic_flag_warns(caplog) -> None:
     with caplog.at_level(logging.WARNING):
         hparams = resolved_hparams("sgd", betas=(0.9, 0.99))
+        assert "betas" not in resolved_hparams("sgd", betas=(0.9, None))  # --adam_beta1 alone: ignored, not checked
     assert "betas" not in hparams
     assert "'sgd' has no betas" in caplog.text
 
