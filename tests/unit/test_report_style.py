@@ -223,3 +223,13 @@ def test_recommendation_with_one_seed_says_nothing_is_resolved(three_arms: Path)
     first = text.split("## ", 2)[1]
     assert first.startswith("Recommendation") and "Pick adam" in first  # adam and adamw tie: plan order decides
     assert "By timestep bucket (means, not resolved)" in first and "one seed per arm" in first
+
+
+def test_a_log_axis_with_nothing_positive_warns_nothing(tmp_path: Path):
+    """A short run logged only at its end, where a decayed lr is 0: matplotlib's "no positive values" warning."""
+    import warnings
+
+    write_run(tmp_path, "adamw", 0.0, [0.5], clipped=0.0)  # train/lr is lr * 1 = 0 at its only point
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report.summarize(tmp_path)
