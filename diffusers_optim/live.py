@@ -37,6 +37,7 @@ class RunView:
     started: float | None = None
     ended: float | None = None
     status: dict[str, Any] = field(default_factory=dict)
+    first_step: int | None = None  # the step it was at when first seen (a resumed run starts above 0)
 
 
 class ProgressBoard:
@@ -77,6 +78,8 @@ class ProgressBoard:
             status = read_status(view.path)
             if status:
                 view.status = status
+                if view.first_step is None and status.get("phase") == "training":
+                    view.first_step = status.get("step", 0)
 
     def counts(self) -> dict[str, int]:
         states = [v.state for v in self.runs.values()]
@@ -94,12 +97,18 @@ class ProgressBoard:
         return done, sum(v.status.get("max_steps", typical) for v in trained)
 
     def eta(self) -> float | None:
-        """Seconds left for the whole stage: the steps left at the pace measured so far (all parallel runs)."""
+        """Seconds left for the whole stage: the steps left at the pace measured so far (all parallel runs).
+
+        The pace counts only steps trained while this view watched (not those a resumed run brought along),
+        over the whole time since the stage started (run start-up, evaluation and waiting included).
+        """
         done, total = self.steps()
+        trained = sum(max(0, v.status.get("step", 0) - v.first_step) for v in self.runs.values()
+                      if v.first_step is not None)
         elapsed = time.time() - self.t0
-        if total is None or done <= 0 or elapsed <= 0:
+        if total is None or trained <= 0 or elapsed <= 0:
             return None
-        return (total - done) / (done / elapsed)
+        return (total - done) / (trained / elapsed)
 
     # ---- lines -----------------------------------------------------------------------------------
     def run_line(self, view: RunView) -> str:
@@ -147,7 +156,7 @@ def _finite(value: Any) -> bool:
 
 
 def rich_table(board: ProgressBoard):
-    """The live view: one row per running run, then the overall row."""
+    """One row per running run: name, step/total, loss, img/s, ETA, phase."""
     from rich.table import Table
 
     table = Table(box=None, show_header=True, header_style="bold", pad_edge=False)
@@ -160,8 +169,15 @@ def rich_table(board: ProgressBoard):
                       f"{s['loss']:.4g}" if _finite(s.get("loss")) else "-",
                       f"{s['images_per_sec']:.0f}" if _finite(s.get("images_per_sec")) else "-",
                       format_duration(run_eta(s)), str(s.get("phase", "starting")))
-    table.add_row(f"[bold]{board.overall_line()}[/bold]")
     return table
+
+
+def rich_view(board: ProgressBoard):
+    """The table, then the overall line under it (in the table, it would widen the run column)."""
+    from rich.console import Group
+    from rich.text import Text
+
+    return Group(rich_table(board), Text(board.overall_line(), style="bold"))
 
 
 @contextlib.contextmanager
@@ -190,7 +206,7 @@ def _rich_live(board: ProgressBoard, every: float, stream) -> Iterator[None]:
 
 def _polled(board: ProgressBoard):
     board.poll()
-    return rich_table(board)
+    return rich_view(board)
 
 
 @contextlib.contextmanager
