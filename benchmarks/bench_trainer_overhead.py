@@ -2,8 +2,8 @@
 
 Both loops train the same UNet preset (same init), at the same batch size, with the same AdamW hyperparameters
 and the same DDPMScheduler, in one process. The Trainer runs with every metric on (timestep-bucket meter,
-grad norm, clipping, update ratio and a reduce on log steps, LR schedule, optionally EMA), driven through its
-public `train_step` / `after_step`, exactly as `Trainer.train` drives them. The bare loop is what a user would
+grad norm, clipping, update ratio and a reduce on log steps, LR schedule, optionally EMA), driven through
+`Trainer.run_step`, the method `Trainer.train` calls once per step. The bare loop is what a user would
 write without any metrics: noise, forward, MSE, backward, step.
 
 The two take turns step by step (--block_steps; ABBA order), so a change in the machine's load hits both alike;
@@ -92,7 +92,7 @@ def sync(device: torch.device) -> None:
 
 # ---- the two loops ----------------------------------------------------------------------------------------
 class TrainerLoop:
-    """The real Trainer, one optimizer step per call, as `Trainer.train` runs it (minus the progress bar)."""
+    """The real Trainer, one `Trainer.run_step` per call, as `Trainer.train` runs it (minus the progress bar)."""
 
     def __init__(self, args: argparse.Namespace, preset: str, output_dir: Path):
         from tqdm.auto import tqdm
@@ -125,11 +125,8 @@ class TrainerLoop:
 
     def step(self) -> bool:
         """One optimizer step plus its after-step work; returns whether it was a log step."""
-        t = self.trainer
-        t.train_step(self.batches)
-        t.step += 1
-        t.after_step(self.bar)
-        return t.step % t.cfg.logging_steps == 0
+        self.trainer.run_step(self.batches, self.bar)
+        return self.trainer.is_log_step(self.trainer.step)
 
 
 class BareLoop:

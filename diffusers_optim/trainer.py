@@ -36,6 +36,7 @@ from diffusers_optim.diffusion import (
 from diffusers_optim.distributed import decided_on_main
 from diffusers_optim.errors import UserError
 from diffusers_optim.metrics.buckets import BucketMeter, bucket_keys, bucket_means
+from diffusers_optim.metrics.train import TrainMetrics, UpdateSnapshot, param_norm
 from diffusers_optim.models import build_noise_scheduler, build_unet, check_resolution, load_unet_config
 from diffusers_optim.optim import (
     ResolvedOptimizer,
@@ -110,9 +111,8 @@ class Trainer:
         if self.ema is not None:
             self.ema.to(self.accelerator.device)
             register_ema_hooks(self.accelerator, self.ema)
-        self.meter = BucketMeter(cfg.num_timestep_buckets, cfg.ddpm_num_steps, self.accelerator.device)
-        self.step_meter = BucketMeter(cfg.num_timestep_buckets, cfg.ddpm_num_steps, self.accelerator.device)
-        self._reset_step()
+        self.train_metrics = TrainMetrics(cfg.num_timestep_buckets, cfg.ddpm_num_steps, cfg.max_grad_norm,
+                                          self.accelerator.device)
         self.metrics = MetricsLog(self.accelerator, self.out, self.trackers)
         self.quality = build_quality(cfg, self.data)
         self.validation_batch()  # frozen now: a validation set too small for the buckets fails before training
@@ -122,6 +122,7 @@ class Trainer:
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
         self.elapsed_before = 0.0
+        self.update_ratio: float | None = None  # of the last log step
         self._reset_interval()
 
     # ---- the loop ------------------------------------------------------------------------------------
@@ -136,11 +137,7 @@ class Trainer:
         with stop_on_signals():
             try:
                 while self.step < self.max_steps:
-                    self.train_step(batches)
-                    self.step += 1
-                    bar.update(1)
-                    self.after_step(bar)
-                    self.check_nonfinite()
+                    self.run_step(batches, bar)
                     if self.step == self.cfg.stop_after_steps and self.step < self.max_steps:
                         self.save_checkpoint()
                         bar.close()
@@ -155,6 +152,14 @@ class Trainer:
         bar.close()
         return self.finish()
 
+    def run_step(self, batches, bar) -> None:
+        """One whole step of the loop: train, count it, then its logging/validation/samples/checkpoint work."""
+        self.train_step(batches)
+        self.step += 1
+        bar.update(1)
+        self.after_step(bar)
+        self.check_nonfinite()
+
     def train_step(self, batches) -> None:
         """One optimizer step: gradient_accumulation_steps micro-batches, clip, step (unless non-finite)."""
         is_log_step = self.is_log_step(self.step + 1)  # the step about to run
@@ -162,10 +167,10 @@ class Trainer:
             with self.accelerator.accumulate(self.model):
                 self.forward_backward(next(batches), micro)
         grad_norm = self.clip_gradients()
-        before = self._snapshot_params() if is_log_step else None
+        snapshot = UpdateSnapshot(self.model.parameters()) if is_log_step else None
         self.optimizer_step(grad_norm)
-        if before is not None:
-            self.interval["update_ratio"] = self._update_ratio(before)
+        if snapshot is not None:
+            self.update_ratio = snapshot.update_ratio()
 
     def forward_backward(self, clean: torch.Tensor, micro: int) -> None:
         """Noise a micro-batch, predict, and backpropagate the (optionally Min-SNR weighted) per-sample MSE."""
@@ -173,11 +178,7 @@ class Trainer:
         noise, timesteps = self.micro_batch_noise(clean, micro)
         mse, loss = self.compute_loss(clean, noise, timesteps)
         self.accelerator.backward(loss)
-        # step-local sums, merged into the interval only if the step is applied: a skipped non-finite step
-        # is counted in train/nonfinite_steps instead of turning the whole interval's curves into NaN
-        self.step_meter.update(mse, timesteps)
-        self.step_loss = self.step_loss + loss.detach().float() * mse.numel()
-        self.step_count += mse.numel()
+        self.train_metrics.add_micro_batch(mse, timesteps, loss)
 
     def compute_loss(self, clean: torch.Tensor, noise: torch.Tensor,
                      timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,30 +224,14 @@ class Trainer:
             self.nonfinite_total += 1
             # fp16 loss scaling skips a few steps by design while it calibrates; only a non-finite loss
             # (not just overflowing fp16 gradients) counts towards stopping the run
-            if self.accelerator.scaler is None or not torch.isfinite(self.step_loss):
+            if self.accelerator.scaler is None or not torch.isfinite(self.train_metrics.step_loss):
                 self.nonfinite_streak += 1
+            self.train_metrics.discard_step()
         else:
             self.nonfinite_streak = 0
-            self.add_step_to_interval(grad_norm)
+            self.train_metrics.apply_step(grad_norm)
             if self.ema is not None:
                 self.ema.step(self.model.parameters())
-        self._reset_step()
-
-    def add_step_to_interval(self, grad_norm: torch.Tensor) -> None:
-        """Fold an applied step's on-device sums into the logging interval (no host sync)."""
-        self.interval["loss_sum"] += self.step_loss
-        self.interval["loss_count"] += self.step_count
-        self.interval["steps"] += 1
-        self.interval["grad_norm_sum"] += grad_norm
-        if self.cfg.max_grad_norm > 0:
-            self.interval["clipped"] += (grad_norm > self.cfg.max_grad_norm).float()
-        self.meter.sums += self.step_meter.sums
-        self.meter.counts += self.step_meter.counts
-
-    def _reset_step(self) -> None:
-        self.step_meter.reset()
-        self.step_loss = torch.zeros((), device=self.accelerator.device)
-        self.step_count = 0
 
     def check_nonfinite(self) -> None:
         """Stop a diverged run once the step is complete, so its checkpoint, LR schedule and data position agree."""
@@ -284,61 +269,32 @@ class Trainer:
 
     # ---- metrics ---------------------------------------------------------------------------------------
     def reduce_interval(self) -> dict[str, float]:
-        """All on-device sums of the interval, reduced across processes in ONE collective, then one host copy."""
-        steps = self.step - self.interval["first_step"]
-        applied = self.interval["steps"]  # steps not skipped as non-finite (the same on every process)
-        local = torch.cat([
-            torch.stack([self.interval["loss_sum"], torch.as_tensor(float(self.interval["loss_count"]),
-                         device=self.accelerator.device), self.interval["grad_norm_sum"], self.interval["clipped"]]),
-            self.meter.sums.float(), self.meter.counts.float()])
-        total = self.accelerator.reduce(local, reduction="sum").tolist()  # the sync point: log steps only
-        k, world = self.cfg.num_timestep_buckets, self.accelerator.num_processes
-        sums, counts = torch.tensor(total[4:4 + k]), torch.tensor(total[4 + k:])
+        """The interval's training metrics (one collective, one host copy) plus perf, optimizer and weights."""
+        acc, cfg = self.accelerator, self.cfg
+        record = self.train_metrics.reduce(lambda t: acc.reduce(t, reduction="sum"), acc.num_processes)
         seconds = max(time.perf_counter() - self.t_interval_start, 1e-9)
-        images = steps * self.cfg.train_batch_size * self.cfg.gradient_accumulation_steps * world
-        record = {
-            "train/loss": total[0] / total[1] if total[1] else float("nan"),
-            "train/grad_norm": total[2] / (applied * world) if applied else float("nan"),
-            "train/clipped_fraction": total[3] / (applied * world) if applied else float("nan"),
+        steps = self.step - self.train_metrics.first_step
+        images = steps * cfg.train_batch_size * cfg.gradient_accumulation_steps * acc.num_processes
+        record.update({
             **group_lrs(self.optimizer.param_groups, self.lr_scheduler.get_last_lr(), self.hparams["lr"],
                         self.routing_keys),
             "train/nonfinite_steps": self.nonfinite_total,
             "perf/images_per_sec": images / seconds,
-            "perf/peak_memory_mb": peak_memory_mb(self.accelerator.device),
+            "perf/peak_memory_mb": peak_memory_mb(acc.device),
             "optim/state_mb": optimizer_state_bytes(self.optimizer.optimizer) / 2**20,
-            **self._param_stats(),
-        }
-        means = bucket_means(sums, counts).tolist()
-        for key, mean in zip(bucket_keys(self.cfg.ddpm_num_steps, k, "loss_t"), means):
-            record[key] = mean
-        for key, count in zip(bucket_keys(self.cfg.ddpm_num_steps, k, "count_t"), counts.tolist()):
-            record[key] = int(count)
+            "train/param_norm": param_norm(self.model.parameters()),
+        })
+        if self.update_ratio is not None:
+            record["train/update_ratio"] = self.update_ratio
+        effective = self.spec.effective_lr(self.optimizer.optimizer) if self.spec.effective_lr else None
+        if effective is not None:
+            record["train/effective_lr"] = float(effective)
         self._reset_interval()
         return record
 
-    def _param_stats(self) -> dict[str, float]:
-        stats = {"train/param_norm": float(torch.nn.utils.get_total_norm(list(self.model.parameters())))}
-        if "update_ratio" in self.interval:
-            stats["train/update_ratio"] = self.interval["update_ratio"]
-        effective = self.spec.effective_lr(self.optimizer.optimizer) if self.spec.effective_lr else None
-        if effective is not None:
-            stats["train/effective_lr"] = float(effective)
-        return stats
-
-    def _snapshot_params(self) -> list[torch.Tensor]:
-        return [p.detach().clone() for p in self.model.parameters()]
-
-    def _update_ratio(self, before: list[torch.Tensor]) -> float:
-        """||theta_new - theta_old|| / ||theta_old||: how far one step moved the weights."""
-        after = [p.detach() for p in self.model.parameters()]
-        delta = torch.nn.utils.get_total_norm([a - b for a, b in zip(after, before)])
-        return float(delta / torch.nn.utils.get_total_norm(before).clamp_min(1e-12))
-
     def _reset_interval(self) -> None:
-        device = self.accelerator.device
-        self.interval = {"first_step": self.step, "steps": 0, "loss_sum": torch.zeros((), device=device), "loss_count": 0,
-                         "grad_norm_sum": torch.zeros((), device=device), "clipped": torch.zeros((), device=device)}
-        self.meter.reset()
+        self.train_metrics.reset_interval(first_step=self.step)
+        self.update_ratio = None
         self.t_interval_start = time.perf_counter()
 
     @torch.no_grad()
