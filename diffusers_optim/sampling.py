@@ -8,10 +8,43 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+_MASK64 = (1 << 64) - 1
 
-def step_seed(seed: int, step: int, micro: int) -> int:
-    """A distinct, reproducible seed for each (run seed, optimizer step, micro-batch)."""
-    return (seed * 1_000_003 + step) * 1_024 + micro + 1
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser (Steele, Lea & Flood 2014): a cheap 64-bit hash with good avalanche.
+
+    Written out because numpy's SeedSequence, the library way to hash a tuple into a seed, costs ~30 us a call,
+    which is ~2 ms per 64-sample micro-batch; this costs ~1 us.
+    """
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def sample_seed(seed: int, step: int, micro: int, index: int) -> int:
+    """A distinct, reproducible 64-bit seed for one sample: (run seed, optimizer step, micro-batch, GLOBAL index)."""
+    return _mix64(_mix64(_mix64(_mix64(seed & _MASK64) ^ step) ^ micro) ^ index)
+
+
+def micro_batch_noise(seed: int, step: int, micro: int, first_index: int, batch_size: int,
+                      sample_shape: tuple[int, ...], num_timesteps: int, device: torch.device | str,
+                      dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise and timesteps of global samples first_index .. first_index + batch_size - 1, drawn on `device`.
+
+    Each sample's draw depends only on its own seed, so a rank pays for its local batch alone, whatever the
+    number of processes, and N processes at batch B see exactly what one process sees at batch N*B. torch has
+    no counter-based generator that can be indexed per sample, hence one draw per sample from a re-seeded
+    device generator (on a GPU: one small kernel per sample); the timestep comes from the same hash.
+    """
+    seeds = [sample_seed(seed, step, micro, first_index + j) for j in range(batch_size)]
+    timesteps = torch.tensor([_mix64(s) % num_timesteps for s in seeds], dtype=torch.long).to(device)
+    generator = torch.Generator(device=device)
+    noise = torch.empty((batch_size, *sample_shape), device=device, dtype=torch.float32)
+    for j, s in enumerate(seeds):
+        torch.randn(sample_shape, generator=generator.manual_seed(s), device=device, out=noise[j])
+    return noise.to(dtype), timesteps
 
 
 class BatchStream(torch.utils.data.Sampler):

@@ -48,7 +48,7 @@ from diffusers_optim.optim import (
 )
 from diffusers_optim.optim.groups import group_lrs, routing_keys
 from diffusers_optim.progress import RunStatus, setup_console_logging
-from diffusers_optim.sampling import BatchStream, generate_images, images_to_grid, step_seed
+from diffusers_optim.sampling import BatchStream, generate_images, images_to_grid, micro_batch_noise
 from diffusers_optim.schedules import build_lr_scheduler, default_warmup_steps, resolve_lr_scheduler
 from diffusers_optim.tracking import MetricsLog, check_writable, init_trackers, resolve_trackers
 
@@ -190,12 +190,10 @@ class Trainer:
         return mse, (mse * weights).mean() if weights is not None else mse.mean()
 
     def micro_batch_noise(self, clean: torch.Tensor, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Noise and timesteps drawn for the GLOBAL micro-batch from (seed, step, micro); this rank takes its slice."""
-        world, rank, b = self.accelerator.num_processes, self.accelerator.process_index, clean.shape[0]
-        g = torch.Generator(device="cpu").manual_seed(step_seed(self.cfg.seed, self.step, micro))
-        noise = torch.randn((world * b, *clean.shape[1:]), generator=g)[rank * b:(rank + 1) * b]
-        t = torch.randint(0, self.cfg.ddpm_num_steps, (world * b,), generator=g)[rank * b:(rank + 1) * b]
-        return noise.to(clean.device, clean.dtype), t.to(clean.device)
+        """Noise and timesteps of this rank's samples, drawn on the device from (seed, step, micro, global index)."""
+        b = clean.shape[0]
+        return micro_batch_noise(self.cfg.seed, self.step, micro, self.accelerator.process_index * b, b,
+                                 tuple(clean.shape[1:]), self.cfg.ddpm_num_steps, clean.device, clean.dtype)
 
     def clip_gradients(self) -> torch.Tensor:
         """Global gradient norm before clipping (clipping only when gradients are synchronized)."""
