@@ -4,13 +4,26 @@ Start-up: checks that touch the file system or the network (create the output fo
 writable, find the checkpoint, create the Hub repo) run on the main process only; the others wait for its
 verdict, so every process raises the same error or gets the same answer. Run on every process, two processes
 raced on one probe file and the loser called a good folder unwritable (issue 16).
+
+Stop: a signal raised as an exception in the middle of a step left the other process waiting in the step's
+gradient all-reduce (a deadlock until the launcher killed both), and could save weights of step N+1 labelled N.
+Now a signal only sets a flag; at each step boundary the processes agree (one tiny all-reduce) and all stop
+after the same step, save one checkpoint together and exit with the same status.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
 from typing import Any, TypeVar
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
@@ -43,3 +56,78 @@ def decided_on_main(accelerator: Accelerator, check: Callable[[], T]) -> T:
         error.quiet = not accelerator.is_main_process
         raise error
     return verdict[0]
+
+
+# Under `accelerate launch` (torch elastic) a signal sent to every process (Slurm's scancel, `kill` of the job)
+# reaches a worker twice: directly, and forwarded by the launcher a moment later. Signals this close together
+# are one request; a later one is the user insisting.
+REPEAT_WINDOW_S = 2.0
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Why every process stops at this step boundary: a signal (its number) and/or a diverged run."""
+
+    signum: int = 0
+    diverged: bool = False
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag (never an exception mid-step); `agreed()` at a step boundary turns the flags of
+    all processes into one decision, so every process saves the same checkpoint and none is left in a collective.
+
+    A second signal (more than REPEAT_WINDOW_S after the first) exits at once with status 130, without a checkpoint.
+    """
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+        self.signum = 0
+        self.first_at = 0.0
+        self.group = stop_group(accelerator)
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        if not self.signum:
+            self.signum, self.first_at = signum, time.monotonic()
+            return
+        window = REPEAT_WINDOW_S if os.environ.get("TORCHELASTIC_RUN_ID") else 0.0  # forwarding needs a launcher
+        if time.monotonic() - self.first_at > window:
+            os.write(2, f"\n{signal.Signals(signum).name} again: exiting now, without a checkpoint\n".encode())
+            os._exit(130)
+
+    @contextlib.contextmanager
+    def listening(self):
+        """Handle SIGINT and SIGTERM while the loop runs (main thread only: Python delivers signals there)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle) for sig in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def agreed(self, diverged: bool = False) -> Stop | None:
+        """One decision for all processes at this step boundary: stop if any process got a signal or diverged."""
+        local = [self.signum, int(diverged)]
+        if self.group is not False:
+            # MAX of two ints on a CPU (gloo) group: no GPU sync, and accelerate's reduce offers only sum/mean.
+            flags = torch.tensor(local, dtype=torch.int32)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self.group)
+            local = flags.tolist()
+        return Stop(signum=local[0], diverged=bool(local[1])) if any(local) else None
+
+
+def stop_group(accelerator: Accelerator):
+    """The process group for the stop flag: False for one process, the default group if it is gloo, else a new
+    gloo group (on NCCL a CPU tensor cannot be reduced, and a GPU one would add a device sync)."""
+    if accelerator.num_processes == 1 or not torch.distributed.is_initialized():
+        return False
+    if torch.distributed.get_backend() == "gloo":
+        return None
+    return torch.distributed.new_group(backend="gloo")

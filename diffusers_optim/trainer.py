@@ -12,7 +12,6 @@ import json
 import math
 import os
 import resource
-import signal
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from diffusers_optim.diffusion import (
     stratified_timesteps,
     training_target,
 )
-from diffusers_optim.distributed import decided_on_main
+from diffusers_optim.distributed import Stop, StopRequest, decided_on_main
 from diffusers_optim.errors import UserError
 from diffusers_optim.metrics.buckets import BucketMeter, bucket_keys, bucket_means
 from diffusers_optim.metrics.train import TrainMetrics, UpdateSnapshot, param_norm
@@ -123,42 +122,40 @@ class Trainer:
         self.nonfinite_streak = 0
         self.elapsed_before = 0.0
         self.update_ratio: float | None = None  # of the last log step
+        self.saved_step = -1
+        self.stop_request = StopRequest(self.accelerator)  # all processes build it: it may create a group
         self._reset_interval()
 
     # ---- the loop ------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
-        """Run to max_train_steps (resuming if asked) and save the pipeline; returns the run summary."""
-        self.start()
-        self.status.start_training(self.step)
-        batches = iter(self.build_loader())
-        bar = tqdm(total=self.max_steps, initial=self.step, desc=self.run_name, dynamic_ncols=True,
-                   disable=not self.accelerator.is_local_main_process)
-        self.t_start = time.perf_counter()
-        with stop_on_signals():
-            try:
-                while self.step < self.max_steps:
-                    self.run_step(batches, bar)
-                    if self.step == self.cfg.stop_after_steps and self.step < self.max_steps:
-                        self.save_checkpoint()
-                        bar.close()
-                        logger.info(f"stopped after step {self.step} (--stop_after_steps); resume with "
-                                    "--resume_from_checkpoint latest", main_process_only=True)
-                        self.accelerator.end_training()
-                        return {"status": "stopped", "steps": self.step}
-            except (KeyboardInterrupt, TrainingStopped):
-                bar.close()  # so the error that follows starts on its own line
-                self.save_checkpoint()
-                raise
-        bar.close()
-        return self.finish()
+        """Run to max_train_steps (resuming if asked) and save the pipeline; returns the run summary.
 
-    def run_step(self, batches, bar) -> None:
-        """One whole step of the loop: train, count it, then its logging/validation/samples/checkpoint work."""
+        A signal during start-up or training stops after the step in progress; during the final save it is
+        noted and the run completes (a second signal exits at once either way)."""
+        with self.stop_request.listening():
+            self.start()
+            self.status.start_training(self.step)
+            batches = iter(self.build_loader())
+            bar = tqdm(total=self.max_steps, initial=self.step, desc=self.run_name, dynamic_ncols=True,
+                       disable=not self.accelerator.is_local_main_process)
+            self.t_start = time.perf_counter()
+            while self.step < self.max_steps:
+                stop = self.run_step(batches, bar)
+                if stop is None and self.step == self.cfg.stop_after_steps and self.step < self.max_steps:
+                    stop = Stop()
+                if stop is not None:
+                    return self.stop_early(stop, bar)
+            bar.close()
+            return self.finish()
+
+    def run_step(self, batches, bar) -> Stop | None:
+        """One whole step of the loop: train, count it, its logging/validation/samples/checkpoint work, then the
+        stop decision every process agrees on (a signal or a diverged run on any of them)."""
         self.train_step(batches)
         self.step += 1
         bar.update(1)
         self.after_step(bar)
-        self.check_nonfinite()
+        return self.stop_request.agreed(diverged=self.nonfinite_streak >= self.cfg.max_nonfinite_steps)
 
     def train_step(self, batches) -> None:
         """One optimizer step: gradient_accumulation_steps micro-batches, clip, step (unless non-finite)."""
@@ -231,12 +228,23 @@ class Trainer:
             if self.ema is not None:
                 self.ema.step(self.model.parameters())
 
-    def check_nonfinite(self) -> None:
-        """Stop a diverged run once the step is complete, so its checkpoint, LR schedule and data position agree."""
-        if self.nonfinite_streak >= self.cfg.max_nonfinite_steps:
+    def stop_early(self, stop: Stop, bar) -> dict[str, Any]:
+        """Every process, after the same complete step: one checkpoint (its label matches its weights), then out."""
+        bar.close()  # so the line that follows starts on its own line
+        if self.saved_step != self.step:
+            self.save_checkpoint()
+        self.accelerator.end_training()
+        self.status.update(step=self.step, phase="diverged" if stop.diverged else "interrupted" if stop.signum
+                           else "stopped")
+        if stop.diverged:
             raise TrainingStopped(
-                f"{self.nonfinite_streak} non-finite steps in a row at step {self.step}: the run diverged. "
+                f"{self.cfg.max_nonfinite_steps} non-finite steps in a row at step {self.step}: the run diverged. "
                 f"A checkpoint was saved; lower --learning_rate or set --max_grad_norm and resume.")
+        if stop.signum:
+            return {"status": "interrupted", "signal": stop.signal_name, "steps": self.step}
+        logger.info(f"stopped after step {self.step} (--stop_after_steps); resume with "
+                    "--resume_from_checkpoint latest", main_process_only=True)
+        return {"status": "stopped", "steps": self.step}
 
     def after_step(self, bar) -> None:
         """Logging, validation, samples, quality metrics and checkpoints, each on its own interval."""
@@ -403,6 +411,7 @@ class Trainer:
         with self.status.phase("checkpoint writing", str(where), self.step):
             ckpt.save_checkpoint(self.accelerator, self.out, self.step, state, self.cfg.checkpoints_total_limit,
                                  model_config=dict(self.accelerator.unwrap_model(self.model).config))
+        self.saved_step = self.step
 
     def start(self) -> None:
         """Write the run config, start trackers, and resume from a checkpoint if asked."""
@@ -727,41 +736,24 @@ def _is_digits(cfg: TrainConfig) -> bool:
     return not cfg.train_data_dir and cfg.dataset_name in (None, "digits")
 
 
-@contextlib.contextmanager
-def stop_on_signals():
-    """SIGTERM (preemption, `kill`) becomes KeyboardInterrupt, so the loop saves a checkpoint before exiting."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler) if _main_thread() else None
-    try:
-        yield
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
 def main(argv: list[str] | None = None) -> int:
     """`diffusers-optim train` and train_scripts/train_unconditional.py."""
     setup_console_logging()
     cfg = parse_train_args(argv)
     trainer = Trainer(cfg)
+    main_process = trainer.accelerator.is_main_process
     try:
         summary = trainer.train()
     except TrainingStopped as err:
-        raise UserError(str(err)) from None
-    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the loop saved a checkpoint, a traceback would hide that
-        print(f"interrupted ({err or 'Ctrl-C'}) after step {trainer.step}: checkpoint saved in {trainer.out}; "
-              "continue with --resume_from_checkpoint latest", file=sys.stderr)
+        error = UserError(str(err))
+        error.quiet = not main_process  # every process stopped at the same step; one of them says so
+        raise error from None
+    if summary.get("status") == "interrupted":
+        if main_process:
+            print(f"interrupted ({summary['signal']}) after step {trainer.step}: checkpoint saved in {trainer.out}; "
+                  "continue with --resume_from_checkpoint latest", file=sys.stderr)
         return 130
-    if trainer.accelerator.is_main_process and summary.get("status") == "complete":
+    if main_process and summary.get("status") == "complete":
         final = summary.get("final", {})
         print(f"done: {trainer.step} steps, val/loss {final.get('val/loss', float('nan')):.4f}, output in {trainer.out}")
     return 0
-

@@ -137,7 +137,7 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tiny_flags, offline_env, tmp_
             proc.kill()
     assert proc.returncode == 130
     assert "Traceback" not in stderr
-    assert "interrupted (signal 15) after step" in stderr and "--resume_from_checkpoint latest" in stderr
+    assert "interrupted (SIGTERM) after step" in stderr and "--resume_from_checkpoint latest" in stderr
     (name,) = checkpoint_names(out)
     step = json.loads((out / "checkpoints" / name / "trainer_state.json").read_text())["step"]
     assert step >= 2 and name == f"checkpoint-{step:06d}", stderr[-3000:]

@@ -3,11 +3,16 @@ and stops by signal that every process agrees on (issue 16)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
 
 from tests.conftest import TINY_FLAGS
 
@@ -36,7 +41,8 @@ def two_process_env(env: dict[str, str]) -> dict[str, str]:
 
 def test_two_processes_start_20_times_and_agree_on_every_start_up_check(offline_env, tmp_path):
     """Start-up checks raced by two processes give both the same verdict, decided by the main one; then 20 real
-    Trainer starts (start, one step, one checkpoint) back to back in two processes, with no failure."""
+    Trainer starts (start, one step, one checkpoint) back to back in two processes, with no failure. In between,
+    the stop agreement: a signal or a divergence seen by one process is agreed by both."""
     n = 20
     flags = [*TINY_FLAGS, "--max_train_steps", "2"]
     proc = subprocess.run(launch_command(HERE / "two_process_startup.py", str(tmp_path), str(n), *flags),
@@ -52,8 +58,106 @@ def test_two_processes_start_20_times_and_agree_on_every_start_up_check(offline_
         assert "already holds a run (metrics.jsonl)" in held["error"]
         assert unwritable["error"].startswith("cannot write to output directory")
         assert held["quiet"] is unwritable["quiet"] is (rank == 1)  # the error is printed once, by the main process
+    # a stop seen by one process only is agreed by both, so both stop after the same step
+    assert main["agreed"] == other["agreed"] == [None, ["SIGTERM", False], ["", True]]
     assert [s.get("error") for s in main["starts"] + other["starts"]] == [None] * (2 * n)
     assert [s["result"] for s in main["starts"] + other["starts"]] == ["1"] * (2 * n)
     for i in range(n // 2):
         assert [p.name for p in (tmp_path / f"start-{i}" / "checkpoints").iterdir()] == ["checkpoint-000001"]
         assert json.loads((tmp_path / f"start-{i}" / "config.json").read_text())["config"]["overwrite_output_dir"]
+
+
+# (step, where inside it, signal, sending process, target): 5 SIGINT and 5 SIGTERM to the launcher's process group
+# (as Ctrl-C in a terminal) or to every process (as Slurm), from either process, at three points inside a step.
+INTERRUPTIONS = [
+    (0, "forward", "SIGINT", 0, "group"),
+    (1, "backward", "SIGTERM", 1, "group"),
+    (2, "optimizer", "SIGINT", 1, "all"),
+    (3, "forward", "SIGTERM", 0, "all"),
+    (4, "backward", "SIGINT", 0, "group"),
+    (5, "optimizer", "SIGTERM", 1, "group"),
+    (6, "forward", "SIGINT", 1, "group"),
+    (7, "backward", "SIGTERM", 0, "all"),
+    (8, "optimizer", "SIGINT", 0, "all"),
+    (9, "optimizer", "SIGTERM", 1, "group"),
+]
+STEPS = 12
+
+
+def run_two_processes(flags: list[str], env: dict[str, str], stop_at: str | None = None,
+                      log: Path | None = None) -> subprocess.CompletedProcess:
+    """The training script on two processes; with stop_at, through signal_at.py (a signal inside a step)."""
+    script, extra = ROOT / "train_scripts" / "train_unconditional.py", {}
+    if stop_at is not None:
+        script, extra = HERE / "signal_at.py", {"STOP_AT": stop_at, "STOP_LOG": str(log)}
+    proc = subprocess.Popen(launch_command(script, *flags), env={**two_process_env(env), **extra}, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    finally:
+        kill_tree(proc.pid)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and its workers if any is still there (the workers run in sessions of their own)."""
+    import psutil
+
+    try:
+        launcher = psutil.Process(pid)
+        processes = [launcher, *launcher.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(a), load_file(b)
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), f"{a} and {b} differ"
+
+
+def losses(out: Path) -> list[tuple]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [(r["step"], r.get("train/loss"), r.get("val/loss")) for r in records]
+
+
+@pytest.mark.slow
+def test_sigint_and_sigterm_inside_a_step_stop_both_processes_with_one_checkpoint_and_resume_exactly(
+        offline_env, tmp_path):
+    """10 stops (5 SIGINT, 5 SIGTERM) of one 2-process run, each resumed: every stop ends both processes within
+    seconds with status 130, one line, and one checkpoint holding the weights of its step; the run then ends
+    bit-identical to an uninterrupted 2-process run."""
+    common = [*TINY_FLAGS, "--max_train_steps", str(STEPS), "--logging_steps", "1"]
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    proc = run_two_processes([*common, "--checkpointing_steps", "1", "--output_dir", str(straight)], offline_env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    flags = [*common, "--checkpointing_steps", "0", "--output_dir", str(out)]
+    for i, (step, where, signame, rank, target) in enumerate(INTERRUPTIONS):
+        log = tmp_path / f"log-{i}"
+        log.mkdir()
+        resume = ["--resume_from_checkpoint", "latest"] if i else []
+        proc = run_two_processes([*flags, *resume], offline_env, f"{rank}:{step}:{where}:{signame}:{target}", log)
+        context = f"stop {i} ({signame} {target} in the {where} of step {step})\n{proc.stderr[-4000:]}"
+        sent = json.loads((log / "signal.json").read_text())["time"]
+        exits = [json.loads((log / f"exit-{r}.json").read_text()) for r in (0, 1)]
+        assert [e["code"] for e in exits] == [130, 130], context
+        assert max(e["time"] for e in exits) - sent < 10, context  # the step in progress, one save, out
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("interrupted (")]
+        assert lines == [f"interrupted ({signame}) after step {step + 1}: checkpoint saved in {out}; "
+                         "continue with --resume_from_checkpoint latest"], context
+        assert "[rank" not in proc.stderr, context  # no worker traceback
+        names = sorted(p.name for p in (out / "checkpoints").iterdir())
+        assert names == [f"checkpoint-{k:06d}" for k in range(1, step + 2)], context  # one new checkpoint
+        name = f"checkpoint-{step + 1:06d}"  # the label matches the weights: those of the straight run's step
+        assert_same_weights(out / "checkpoints" / name / "model.safetensors",
+                            straight / "checkpoints" / name / "model.safetensors")
+
+    proc = run_two_processes([*flags, "--resume_from_checkpoint", "latest"], offline_env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_same_weights(out / "unet" / "diffusion_pytorch_model.safetensors",
+                        straight / "unet" / "diffusion_pytorch_model.safetensors")
+    assert losses(out) == losses(straight) and len(losses(out)) == STEPS

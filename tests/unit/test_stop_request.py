@@ -1,0 +1,57 @@
+"""StopRequest on one process: a signal only sets a flag, a second one exits at once, a forwarded copy does not."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from accelerate import PartialState
+
+from diffusers_optim.distributed import Stop, StopRequest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_a_signal_sets_the_flag_and_the_loop_decides():
+    request = StopRequest(PartialState())
+    previous = signal.getsignal(signal.SIGTERM)
+    assert request.agreed() is None
+    assert request.agreed(diverged=True) == Stop(diverged=True)
+    with request.listening():
+        os.kill(os.getpid(), signal.SIGTERM)  # a real signal: no exception, the process goes on
+        stop = request.agreed()
+    assert stop == Stop(signum=signal.SIGTERM) and stop.signal_name == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is previous  # handlers restored after the loop
+
+
+def test_under_a_launcher_a_signal_repeated_at_once_is_the_same_request(monkeypatch):
+    """torch elastic forwards the signal a worker already got directly (Slurm signals every process)."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    request = StopRequest(PartialState())
+    request.handle(signal.SIGTERM, None)
+    request.handle(signal.SIGTERM, None)  # within REPEAT_WINDOW_S: not a second request, no exit
+    assert request.agreed() == Stop(signum=signal.SIGTERM)
+
+
+def test_a_second_signal_exits_at_once_with_status_130(tmp_path):
+    program = textwrap.dedent("""
+        import os, signal
+        from accelerate import PartialState
+        from diffusers_optim.distributed import StopRequest
+        request = StopRequest(PartialState())
+        with request.listening():
+            os.kill(os.getpid(), signal.SIGINT)
+            print("first:", request.agreed().signal_name, flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+            print("still running", flush=True)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("TORCHELASTIC_RUN_ID", None)
+    proc = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stdout == "first: SIGINT\n"
+    assert proc.stderr.strip() == "SIGTERM again: exiting now, without a checkpoint"
