@@ -1,13 +1,13 @@
-"""Equal-budget optimizer comparisons: many training runs that differ only in the optimizer, then a report.
+"""Equal-budget comparisons: arms (optimizer x any --grid of training flags) run over seeds, then a report.
 
     diffusers-optim compare --optimizers adamw sgd:lr=0.01,momentum=0.9 lion:lr=3e-5 --seeds 0 1 \\
-        --output_dir outputs/cmp [--lr_grid 0.3 1 3] [--accelerate_config FILE] [training flags...]
+        --output_dir outputs/cmp [--grid lr_warmup_steps=0,100] [--lr_grid 0.3 1 3] [training flags...]
 
-Every run gets the same training flags, --init_seed, step budget and seed list; the trainer derives data
-order, noise, timesteps and sampling noise from --seed, so only the optimizer and its hyperparameters differ.
-Each run is its own trainer process (or `accelerate launch`), so the same command scales to many GPUs.
-Layout of --output_dir: plan.json (written first), runs/<optimizer>-lr<lr>-s<seed>/, tuning/ (lr-grid trials),
-logs/, failures.json, then summary.json/csv, report.html and report.md (see report.py).
+An arm is one optimizer spec with one value of every --grid; every arm gets the same training flags, step
+budget and seed list, so only what names the arm differs. Each run is its own trainer process (or
+`accelerate launch`), so the same command scales to many GPUs. Layout of --output_dir: plan.json (written
+first), runs/<arm>-lr<lr>-s<seed>/, tuning/ (lr-grid trials), logs/, failures.json, then summary.json/csv,
+report.html and report.md (see diffusers_optim/report/).
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from itertools import product
 from pathlib import Path
 from typing import Any
 
-from diffusers_optim.config import coerce_value, field_types, flag_aliases, unknown_flag
+from diffusers_optim.arms import NOT_ARM_KEYS, arm_labels
+from diffusers_optim.config import coerce_value, field_types, flag_aliases, parse_train_args, unknown_flag
 from diffusers_optim.errors import UserError
 from diffusers_optim.live import ProgressBoard, final_lines, live_view
 from diffusers_optim.optim.args import split_top_level
@@ -50,6 +52,15 @@ CONTROLLED_FLAGS = (
 )
 # flags that may differ between a finished run and the plan without making it a different run
 NOT_COMPARED = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir", "logger")
+# training flags that set a generic optimizer hyperparameter (the trainer maps them onto the registry's names)
+GRID_GENERIC = {
+    "adam_beta1": "betas",
+    "adam_beta2": "betas",
+    "adam_weight_decay": "weight_decay",
+    "adam_epsilon": "eps",
+    "momentum": "momentum",
+}
+METRIC_PREFIXES = ("val/", "val_t/", "eval/", "train/", "loss_t/", "perf/", "optim/")
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train_scripts" / "train_unconditional.py"
 
 Launcher = Callable[[list[str], Path], int]
@@ -62,8 +73,36 @@ class OptimizerChoice:
     text: str  # as the user wrote it
     name: str  # the registry's canonical name
     lr: float  # base learning rate (the spec's lr=, else the registry default)
-    extra: str | None  # every other resolved hyperparameter in the optimizer's own names, for --optimizer_args
+    extra: (
+        str | None
+    )  # every other resolved hyperparameter in the optimizer's own names, for --optimizer_args
     label: str = ""  # what runs and reports group by (the name, unless two specs share it)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One optimizer choice with one value of every --grid flag: the unit that is run over seeds."""
+
+    choice: OptimizerChoice
+    settings: dict[str, str]  # grid flag -> value, in --grid order
+    label: str  # what distinguishes this arm from the others (see arms.arm_labels)
+    extra: (
+        str | None
+    )  # the choice's resolved hyperparameters minus those a grid flag sets, for --optimizer_args
+
+    @property
+    def stem(self) -> str:
+        """The run folders' prefix: the optimizer's label, then every grid setting (`adam-adam_beta1=0.5`)."""
+        return "-".join([self.choice.label, *(f"{k}={v}" for k, v in self.settings.items())])
+
+    def flags(self) -> list[str]:
+        """Trainer flags of the arm: the optimizer, the grid's values, then its other resolved hyperparameters."""
+        args = ["--optimizer", self.choice.name]
+        for flag, value in self.settings.items():
+            args += [f"--{flag}", value]
+        if self.extra:
+            args += ["--optimizer_args", self.extra]
+        return args
 
 
 @dataclass
@@ -78,6 +117,8 @@ class PlannedRun:
     seed: int
     path: str  # relative to the comparison folder
     args: list[str] = field(default_factory=list)  # trainer flags (without --resume_from_checkpoint)
+    arm: str = ""  # the arm's label
+    settings: dict[str, str] = field(default_factory=dict)  # the arm's --grid values
 
 
 # ---- parsing and validation (all before any run starts) ---------------------------------------
@@ -124,8 +165,12 @@ def resolve_choice(text: str) -> OptimizerChoice:
         raise UserError(f"optimizer spec '{text}': {err}") from None
     lr_name = spec.hparam_names.get("lr", "lr")
     rest = {k: v for k, v in resolved.kwargs.items() if k != lr_name}
-    return OptimizerChoice(text=text, name=spec.name, lr=float(resolved.lr or FALLBACK_LR),
-                           extra=format_optimizer_args(rest) or None)
+    return OptimizerChoice(
+        text=text,
+        name=spec.name,
+        lr=float(resolved.lr or FALLBACK_LR),
+        extra=format_optimizer_args(rest) or None,
+    )
 
 
 def resolve_choices(texts: list[str]) -> list[OptimizerChoice]:
@@ -189,6 +234,109 @@ def parse_passthrough(rest: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def parse_grids(texts: list[str] | None, passthrough: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """--grid FLAG=V1,V2,... (repeatable) -> {flag: values}; each value is read by the flag's declared type."""
+    grids: dict[str, list[str]] = {}
+    types, given = field_types(), {k for k, _ in passthrough}
+    for text in texts or []:
+        flag, eq, rest = text.partition("=")
+        flag = flag.strip().removeprefix("--")
+        values = [v.strip() for v in rest.split(",")] if eq else []
+        if not flag or not values or not all(values):
+            raise UserError(f"--grid '{text}': expected FLAG=V1,V2,... e.g. --grid lr_warmup_steps=0,100,500")
+        if flag not in types:
+            raise unknown_flag(f"--{flag}", "--grid training flag")
+        if flag in CONTROLLED_FLAGS:
+            hint = {
+                "optimizer": "--optimizers",
+                "learning_rate": "--lr_grid or lr= in a spec",
+                "seed": "--seeds",
+            }
+            raise UserError(
+                f"--grid {flag}: the comparison sets it per run ({hint.get(flag, 'not a grid flag')})"
+            )
+        if flag in grids or flag in given:
+            raise UserError(f"--{flag} is given twice (in --grid and as a training flag or another --grid)")
+        if flag in NOT_ARM_KEYS:
+            raise UserError(
+                f"--grid {flag}: it does not change what is trained, so its runs would be one arm"
+            )
+        try:
+            typed = [coerce_value(flag, v, types[flag]) for v in values]
+        except UserError as err:
+            raise UserError(f"--grid {flag}: {str(err).split(': ', 1)[-1]}") from None
+        if len({json.dumps(v) for v in typed}) != len(typed):
+            raise UserError(f"--grid {flag} has repeated values: {','.join(values)}")
+        grids[flag] = values
+    return grids
+
+
+def build_arms(choices: list[OptimizerChoice], grids: dict[str, list[str]]) -> list[Arm]:
+    """The cross product of the optimizer choices and every grid, each with the label that names it."""
+    combos = [(c, dict(zip(grids, values))) for c in choices for values in product(*grids.values())]
+    labels = arm_labels([{"optimizer": c.label, **s} for c, s in combos])
+    return [Arm(c, s, label, arm_extra(c, s)) for (c, s), label in zip(combos, labels)]
+
+
+def arm_extra(choice: OptimizerChoice, settings: dict[str, str]) -> str | None:
+    """The choice's --optimizer_args without what a grid flag sets, so the flag is the value's only source.
+
+    The choice carries every resolved hyperparameter (defaults included); `--grid adam_beta1=...` next to
+    `betas=(0.9,0.999)` there would be the same setting twice. The registry fills what the flag leaves open
+    (beta2) with the optimizer's default, which is what the dropped entry held unless the spec set it.
+    """
+    from diffusers_optim.optim import format_optimizer_args, get_spec, parse_optimizer_args
+
+    varied = [GRID_GENERIC[f] for f in settings if f in GRID_GENERIC]
+    if not varied:
+        return choice.extra
+    spec, given = get_spec(choice.name), parse_spec_text(choice.text)[1]
+    own = {spec.hparam_names.get(key, key) for key in varied}
+    clash = sorted((set(varied) | own) & set(given))
+    if clash:
+        flag = next(
+            f for f in settings if f in GRID_GENERIC and spec.hparam_names.get(GRID_GENERIC[f]) in own
+        )
+        raise UserError(
+            f"optimizer spec '{choice.text}' sets {clash[0]}, which --grid {flag} varies; set it in one place"
+        )
+    rest = (
+        {k: v for k, v in parse_optimizer_args(choice.extra).items() if k not in own} if choice.extra else {}
+    )
+    return format_optimizer_args(rest) or None
+
+
+def check_arms(arms: list[Arm], common: list[str]) -> None:
+    """Every arm's flags through the training script's own parser and checks, before any run starts."""
+    from diffusers_optim.optim import get_spec
+    from diffusers_optim.trainer import build_hparams
+
+    for arm in arms:
+        try:
+            cfg = parse_train_args([*common, *arm.flags(), "--learning_rate", fmt_lr(arm.choice.lr)])
+            spec = get_spec(cfg.optimizer)
+            build_hparams(cfg, spec)
+            check_schedule(cfg, spec)
+        except UserError as err:
+            raise UserError(f"arm '{arm.label}': {err}") from None
+
+
+def check_schedule(cfg, spec) -> None:
+    """The LR schedule's own resolution and checks (warmup >= 0 and below the budget), on a stand-in optimizer."""
+    import torch
+
+    from diffusers_optim.schedules import build_lr_scheduler, default_warmup_steps, resolve_lr_scheduler
+
+    if cfg.num_epochs is not None:
+        return  # the budget depends on the data set's size; the trainer checks it when it starts
+    name = resolve_lr_scheduler(cfg.lr_scheduler, spec.schedule_free)
+    warmup = (
+        cfg.lr_warmup_steps if cfg.lr_warmup_steps is not None else default_warmup_steps(cfg.max_train_steps)
+    )
+    stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    build_lr_scheduler(name, stand_in, warmup, cfg.max_train_steps, cfg.lr_num_cycles)
+
+
 # ---- planning ------------------------------------------------------------------------------
 
 
@@ -196,17 +344,25 @@ def fmt_lr(lr: float) -> str:
     return f"{lr:.6g}"
 
 
-def plan_run(
-    choice: OptimizerChoice, lr: float, seed: int, stage: str, common: list[str], group: str
-) -> PlannedRun:
-    """One run: the shared training flags, then what differs (optimizer, its hyperparameters, seed)."""
-    name = f"{choice.label}-lr{fmt_lr(lr)}-s{seed}"
+def plan_run(arm: Arm, lr: float, seed: int, stage: str, common: list[str], group: str) -> PlannedRun:
+    """One run: the shared training flags, then what differs (the arm's settings, lr, seed)."""
+    name = f"{arm.stem}-lr{fmt_lr(lr)}-s{seed}"
     path = f"{'tuning' if stage == 'tune' else 'runs'}/{name}"
-    args = [*common, "--optimizer", choice.name, "--learning_rate", fmt_lr(lr), "--seed", str(seed)]
-    if choice.extra:
-        args += ["--optimizer_args", choice.extra]
+    args = [*common, *arm.flags(), "--learning_rate", fmt_lr(lr), "--seed", str(seed)]
     args += ["--run_group", group, "--run_name", name]
-    return PlannedRun(name, stage, choice.label, choice.text, float(fmt_lr(lr)), seed, path, args)
+    choice = arm.choice
+    return PlannedRun(
+        name,
+        stage,
+        choice.label,
+        choice.text,
+        float(fmt_lr(lr)),
+        seed,
+        path,
+        args,
+        arm.label,
+        dict(arm.settings),
+    )
 
 
 def write_plan(root: Path, plan: dict[str, Any], runs: list[PlannedRun]) -> Path:
@@ -316,8 +472,13 @@ def execute(
     lock = threading.Lock()
     stage = "tuning" if runs and runs[0].stage == "tune" else "runs"
     board = ProgressBoard(root, [(r.name, r.path) for r in runs], stage)
-    logger.info("%s: %d to train, %d at a time; each run's full output goes to %s", stage, len(runs),
-                num_parallel, root / "logs" / "<run>.log")
+    logger.info(
+        "%s: %d to train, %d at a time; each run's full output goes to %s",
+        stage,
+        len(runs),
+        num_parallel,
+        root / "logs" / "<run>.log",
+    )
 
     def train_one(run: PlannedRun) -> None:
         state = run_state(run, root)
@@ -360,17 +521,17 @@ def final_val_loss(run_dir: Path) -> float:
     return float(value) if value is not None and math.isfinite(value) else math.inf
 
 
-def choose_lrs(choices: list[OptimizerChoice], tune_runs: list[PlannedRun], root: Path) -> dict[str, float]:
-    """Each optimizer's grid lr with the best final val/loss (its base lr if every trial failed)."""
+def choose_lrs(arms: list[Arm], tune_runs: list[PlannedRun], root: Path) -> dict[str, float]:
+    """Each arm's grid lr with the best final val/loss (its base lr if every trial failed)."""
     chosen = {}
-    for choice in choices:
-        trials = [r for r in tune_runs if r.optimizer == choice.label]
+    for arm in arms:
+        trials = [r for r in tune_runs if r.arm == arm.label]
         scored = [(final_val_loss(root / r.path), r.learning_rate) for r in trials]
         best_loss, best_lr = min(scored)
         if math.isinf(best_loss):
-            logger.warning("every lr trial of %s failed; its final runs use the base lr", choice.label)
-            best_lr = choice.lr
-        chosen[choice.label] = best_lr
+            logger.warning("every lr trial of %s failed; its final runs use the base lr", arm.label)
+            best_lr = arm.choice.lr
+        chosen[arm.label] = best_lr
     return chosen
 
 
@@ -403,10 +564,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output_dir", required=True, help="The comparison folder.")
     parser.add_argument(
-        "--lr_grid", nargs="*", default=None, help="Multipliers of each optimizer's base lr to try."
+        "--grid",
+        action="append",
+        default=None,
+        metavar="FLAG=V1,V2,...",
+        help="Vary any training flag: one arm per value, crossed with the optimizers and the other grids "
+        "(repeatable), e.g. --grid lr_warmup_steps=0,100,500 --grid max_grad_norm=0,1.0",
+    )
+    parser.add_argument(
+        "--lr_grid",
+        nargs="*",
+        default=None,
+        help="Multipliers of each arm's base lr to try (on the first seed).",
     )
     parser.add_argument("--accelerate_config", default=None, help="Launch each run with `accelerate launch`.")
     parser.add_argument("--target_val_loss", type=float, default=None, help="Time-to-target threshold.")
+    parser.add_argument(
+        "--rank_by",
+        default=None,
+        help="Metric to rank arms on, with intervals over seeds (default: eval/fd when logged, else val/loss).",
+    )
     parser.add_argument(
         "--run_group", default=None, help="W&B group of every run (default: the folder's name)."
     )
@@ -432,12 +609,15 @@ class Comparison:
 
     root: Path
     choices: list[OptimizerChoice]
+    arms: list[Arm]
+    grids: dict[str, list[str]]
     seeds: list[int]
     grid: list[float] | None
     common: list[str]
     group: str
     accelerate_config: str | None
     target: float | None
+    rank_by: str | None
     overwrite: bool
     command: str
     num_parallel: int = 1
@@ -457,19 +637,30 @@ def parse_comparison(argv: list[str]) -> Comparison:
         raise UserError(f"--num_parallel must be at least 1 (got {args.num_parallel})")
     if args.progress_every is not None and not args.progress_every > 0:
         raise UserError(f"--progress_every must be a positive number of seconds (got {args.progress_every})")
+    if args.rank_by is not None and not args.rank_by.startswith(METRIC_PREFIXES):
+        raise UserError(
+            f"--rank_by {args.rank_by}: not a logged metric (they start with {', '.join(METRIC_PREFIXES)})"
+        )
     grid = parse_lr_grid(args.lr_grid)
     choices = resolve_choices(args.optimizers)
-    common = [item for key, value in parse_passthrough(rest) for item in (f"--{key}", value)]
+    passthrough = parse_passthrough(rest)
+    common = [item for key, value in passthrough for item in (f"--{key}", value)]
+    grids = parse_grids(args.grid, passthrough)
+    arms = build_arms(choices, grids)
+    check_arms(arms, common)
     root = Path(args.output_dir).resolve()
     return Comparison(
         root=root,
         choices=choices,
+        arms=arms,
+        grids=grids,
         seeds=args.seeds,
         grid=grid,
         common=common,
         group=args.run_group or root.name,
         accelerate_config=args.accelerate_config,
         target=args.target_val_loss,
+        rank_by=args.rank_by,
         overwrite=args.overwrite,
         command=shlex.join(["diffusers-optim", "compare", *argv]),
         num_parallel=args.num_parallel,
@@ -483,7 +674,10 @@ def run_comparison(cmp: Comparison, launcher: Launcher = launch_subprocess) -> d
     plan: dict[str, Any] = dict(
         command=cmp.command,
         optimizers=[asdict(c) for c in cmp.choices],
+        arms=[dict(label=a.label, optimizer=a.choice.label, settings=a.settings) for a in cmp.arms],
         seeds=cmp.seeds,
+        grid=cmp.grids,
+        rank_by=cmp.rank_by,
         lr_grid=cmp.grid,
         train_args=cmp.common,
         run_group=cmp.group,
@@ -492,24 +686,22 @@ def run_comparison(cmp: Comparison, launcher: Launcher = launch_subprocess) -> d
     tune: list[PlannedRun] = []
     if cmp.grid:
         tune = [
-            plan_run(c, c.lr * m, cmp.seeds[0], "tune", cmp.common, cmp.group)
-            for c in cmp.choices
+            plan_run(a, a.choice.lr * m, cmp.seeds[0], "tune", cmp.common, cmp.group)
+            for a in cmp.arms
             for m in cmp.grid
         ]
         write_plan(cmp.root, {**plan, "chosen_lr": None}, tune)
         check_reusable(tune, cmp.root, cmp.overwrite)
         execute(tune, cmp.root, launcher, cmp.accelerate_config, cmp.num_parallel, cmp.progress_every)
-    chosen = choose_lrs(cmp.choices, tune, cmp.root) if cmp.grid else {c.label: c.lr for c in cmp.choices}
+    chosen = choose_lrs(cmp.arms, tune, cmp.root) if cmp.grid else {a.label: a.choice.lr for a in cmp.arms}
     final = [
-        plan_run(c, chosen[c.label], s, "final", cmp.common, cmp.group)
-        for c in cmp.choices
-        for s in cmp.seeds
+        plan_run(a, chosen[a.label], s, "final", cmp.common, cmp.group) for a in cmp.arms for s in cmp.seeds
     ]
     write_plan(cmp.root, {**plan, "chosen_lr": chosen}, tune + final)
     check_reusable(final, cmp.root, cmp.overwrite)
     link_tuned_runs(final, tune, cmp.root)
     execute(final, cmp.root, launcher, cmp.accelerate_config, cmp.num_parallel, cmp.progress_every)
-    return summarize(cmp.root, cmp.target)
+    return summarize(cmp.root, cmp.target, cmp.rank_by)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -260,21 +260,22 @@ def _plain_lines(board: ProgressBoard, every: float) -> Iterator[None]:
 
 
 def final_lines(summary: dict[str, Any], report_path: Path) -> str:
-    """A compact ranking for the terminal (arm, primary metric with its spread, tied marks) and the report's path."""
+    """A compact ranking for the terminal (arm, primary metric with its 95% interval, tied marks) and the report's path."""
     metric = summary.get("rank_by") or "val/loss"
-    rows = summary.get("optimizers", [])
-    width = max([len(str(r.get("optimizer", ""))) for r in rows] + [3])
-    lines = [f"ranking by final {metric} (mean over seeds, lower is better):"]
+    rows = summary.get("arms", [])
+    width = max([len(str(r.get("arm", ""))) for r in rows] + [3])
+    direction = "higher" if summary.get("higher_is_better") else "lower"
+    lines = [f"ranking by final {metric} (mean over seeds ± 95% interval, {direction} is better):"]
     for row in rows:
         value = row.get(metric)
         cell = sig(value)
-        spread = row.get(f"{metric}_std")
-        if _finite(spread):
-            cell += f" ± {sig(spread, 2)}"
+        low, high = row.get(f"{metric}_ci_low"), row.get(f"{metric}_ci_high")
+        if _finite(low) and _finite(high):
+            cell += f" ± {sig((high - low) / 2, 2)}"
         note = "" if row.get("status") == "complete" else f"  {str(row.get('status', '')).upper()}"
         if row.get("tied"):
             note += "  (tied with the best: difference not resolved)"
-        lines.append(f"  {row.get('rank', '-'):>2}  {str(row.get('optimizer')):<{width}}  {cell}"
+        lines.append(f"  {row.get('rank', '-'):>2}  {str(row.get('arm')):<{width}}  {cell}"
                      f"  ({row.get('runs_complete', 0)}/{row.get('runs_total', 0)} runs){note}")
     lines.append(f"report: {report_path}")
     return "\n".join(lines)

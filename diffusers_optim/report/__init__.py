@@ -14,7 +14,13 @@ from pathlib import Path
 from diffusers_optim.errors import UserError
 from diffusers_optim.report.reading import last_value, load_comparison, read_json, read_metrics
 from diffusers_optim.report.render import md_table, ranking_table, write_reports
-from diffusers_optim.report.summary import TARGET_SLACK, build_summary, count_spikes, rank_key, write_summary
+from diffusers_optim.report.summary import (
+    TARGET_SLACK,
+    build_summary,
+    count_spikes,
+    label_arms,
+    write_summary,
+)
 
 __all__ = [
     "build_summary",
@@ -23,7 +29,6 @@ __all__ = [
     "load_comparison",
     "main",
     "print_ranking",
-    "rank_key",
     "read_json",
     "read_metrics",
     "summarize",
@@ -32,14 +37,16 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def summarize(root: str | Path, target: float | None = None) -> dict[str, Path]:
+def summarize(root: str | Path, target: float | None = None, rank_by: str | None = None) -> dict[str, Path]:
     """Rebuild summary.json/csv, report.html and report.md of a comparison folder; returns their paths."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"comparison folder not found: {root}")
-    summary = build_summary(root, target)
+    summary = build_summary(root, target, rank_by)
     json_path, csv_path = write_summary(summary, root)
-    html_path, md_path = write_reports(summary, load_comparison(root, "final"), root)
+    runs = load_comparison(root, "final")
+    label_arms(runs)
+    html_path, md_path = write_reports(summary, runs, root)
     return dict(summary_json=json_path, summary_csv=csv_path, report_html=html_path, report_md=md_path)
 
 
@@ -55,11 +62,16 @@ def main(argv: list[str] | None = None) -> int:
         "--target_val_loss",
         type=float,
         default=None,
-        help=f"Validation loss to time every run to (default: worst optimizer's best x {TARGET_SLACK}).",
+        help=f"Validation loss to time every run to (default: worst arm's best x {TARGET_SLACK}).",
+    )
+    parser.add_argument(
+        "--rank_by",
+        default=None,
+        help="Metric to rank arms on (default: the comparison's, else eval/fd when logged, else val/loss).",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    paths = summarize(args.output_dir, args.target_val_loss)
+    paths = summarize(args.output_dir, args.target_val_loss, args.rank_by)
     for name, path in paths.items():
         logger.info("%-12s %s", name, path)
     logger.info("\n%s", print_ranking(Path(args.output_dir)))

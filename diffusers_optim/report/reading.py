@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffusers_optim.arms import default_settings, settings_from_args
+
 logger = logging.getLogger(__name__)
 
 BUCKET_RE = re.compile(r"^(?:val_t|loss_t)/(\d+)-(\d+)$")
@@ -33,6 +35,8 @@ class Run:
     records: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)  # the full training config: what makes its arm
+    arm: str = ""  # the arm's label, set once all runs of the comparison are known (summary.label_arms)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -65,6 +69,20 @@ def load_run(path: Path, planned: dict[str, Any] | None = None, error: str | Non
     config = read_json(path / "config.json")
     summary = read_json(path / "run_summary.json")
     train_cfg = config.get("config", {})
+    if train_cfg:
+        settings = {
+            **default_settings(),
+            **train_cfg,
+        }  # keys added since the run was trained take their defaults
+    elif planned.get("args"):
+        settings = settings_from_args(planned["args"])  # planned, but never wrote its config
+    else:  # nothing but a name (a plan without flags, a folder without config.json): an arm of its own
+        optimizer = planned.get("optimizer") or path.name
+        settings = {
+            **default_settings(),
+            "optimizer": optimizer,
+            "learning_rate": planned.get("learning_rate"),
+        }
     optimizer = (
         planned.get("optimizer") or config.get("optimizer", {}).get("name") or train_cfg.get("optimizer")
     )
@@ -87,20 +105,37 @@ def load_run(path: Path, planned: dict[str, Any] | None = None, error: str | Non
         records=read_metrics(path / "metrics.jsonl"),
         summary=summary,
         config=config,
+        settings=settings,
     )
 
 
 def load_comparison(root: Path, stage: str = "final") -> list[Run]:
-    """The runs of one stage ("final" or "tune") of a comparison folder, in plan order."""
+    """The runs of one stage ("final" or "tune"): the planned ones in plan order, then folders added by hand."""
     root = Path(root)
     plan = read_json(root / "plan.json")
     failures = read_json(root / "failures.json")
     planned = [r for r in plan.get("runs", []) if r.get("stage", "final") == stage]
-    if planned:
-        return [load_run(root / r["path"], r, failures.get(r["name"])) for r in planned]
+    runs = [load_run(root / r["path"], r, failures.get(r["name"])) for r in planned]
+    share_arm_settings(runs, planned)
+    known = {(root / r["path"]).resolve() for r in planned}
     folder = root / ("runs" if stage == "final" else "tuning")
     dirs = sorted(p for p in folder.glob("*") if p.is_dir()) if folder.is_dir() else []
-    return [load_run(p, error=failures.get(p.name)) for p in dirs]
+    return runs + [load_run(p, error=failures.get(p.name)) for p in dirs if p.resolve() not in known]
+
+
+def share_arm_settings(runs: list[Run], planned: list[dict[str, Any]]) -> None:
+    """A planned run that never wrote config.json takes the recorded settings of a run of the same planned arm.
+
+    The trainer records the values it resolved (a default warmup, the schedule), which the plan's flags leave
+    open; without this, a run that failed early would look like an arm of its own.
+    """
+    recorded: dict[str, dict[str, Any]] = {}
+    for run, plan in zip(runs, planned):
+        if run.config.get("config") and plan.get("arm") is not None:
+            recorded.setdefault(plan["arm"], run.settings)
+    for run, plan in zip(runs, planned):
+        if not run.config.get("config") and plan.get("arm") in recorded:
+            run.settings = {**recorded[plan["arm"]], "seed": run.seed}
 
 
 def final_grid(run: Run) -> Path | None:

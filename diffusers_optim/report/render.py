@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 import re
 import shutil
 from collections.abc import Callable
@@ -17,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffusers_optim.metrics.keys import floor_key, se_key
 from diffusers_optim.report import figures
-from diffusers_optim.report.reading import BUCKET_RE, Run, bucket_keys, final_grid
+from diffusers_optim.report.reading import BUCKET_RE, Run, bucket_keys, final_grid, is_number
 from diffusers_optim.report.recommend import recommendation
 from diffusers_optim.report.style import (
     ArmStyle,
@@ -35,6 +35,7 @@ from diffusers_optim.report.summary import SPIKE_FACTOR
 FIGURES_DIR = "report_files"
 TITLE = "Optimizer comparison"
 BAD_CELLS = ("FAILED", "INCOMPLETE", "MISSING", "PARTIAL")
+STAT_SUFFIXES = ("_std", "_n", "_ci_low", "_ci_high")
 
 # ---- blocks --------------------------------------------------------------------------------------
 
@@ -91,7 +92,7 @@ class ReportContext:
     @property
     def styles(self) -> dict[str, ArmStyle]:
         """Each arm's colour, dashes and marker, in ranking order: the same in every figure and table."""
-        return arm_styles([row["optimizer"] for row in self.summary["optimizers"]] + [r.optimizer for r in self.runs])
+        return arm_styles([row["arm"] for row in self.summary["arms"]] + [r.arm for r in self.runs])
 
     def with_swatches(self, table: Table) -> Table:
         table.swatches = {name: swatch_svg(style) for name, style in self.styles.items()}
@@ -106,11 +107,43 @@ def fmt(value: Any) -> str:
     return sig(value, strip=True)
 
 
-def pm(row: dict[str, Any], key: str) -> str:
-    """`mean ± std` of an optimizer row's metric; shares of a whole as percentages."""
+def fmt_pm(mean: Any, half: Any, key: str = "") -> str:
+    """`0.0412 ± 0.0014`: a mean and the half-width of its interval; shares of a whole as percentages."""
     show = percent if is_fraction_key(key) else sig
-    std = row.get(key + "_std")
-    return show(row.get(key)) + (f" ± {show(std, 2)}" if isinstance(std, float) and math.isfinite(std) else "")
+    if not is_number(mean):
+        return show(mean)
+    return show(mean) + (f" ± {show(half, 2)}" if is_number(half) and half > 0 else "")
+
+
+def pm(row: dict[str, Any], key: str) -> str:
+    """An arm's metric as `mean ± half-width of its 95% interval` over seeds (the mean alone from one seed)."""
+    low, high = row.get(key + "_ci_low"), row.get(key + "_ci_high")
+    half = (high - low) / 2 if is_number(low) and is_number(high) else None
+    return fmt_pm(row.get(key), half, key)
+
+
+def diff_text(diff: dict[str, Any]) -> str:
+    """`higher by 0.012 ± 0.004` for a paired difference a - b."""
+    mean, low, high = diff.get("mean"), diff.get("low"), diff.get("high")
+    if not is_number(mean):
+        return "no paired seeds"
+    half = (high - low) / 2 if is_number(low) and is_number(high) else None
+    word = "higher" if mean > 0 else "lower"
+    return f"{word} by {fmt_pm(abs(mean), half)}"
+
+
+def with_se(row: dict[str, Any], key: str) -> str:
+    """A run's metric with the standard error of its measurement when the run logged one (`0.201 ± se 0.0008`)."""
+    se = row.get(se_key(key))
+    return fmt(row.get(key)) + (f" ± se {sig(se, 2)}" if is_number(se) else "")
+
+
+def floor_of(summary: dict[str, Any], key: str) -> float | None:
+    """The metric's floor (real held-out images against the reference, same sample count), mean over runs."""
+    if not key.startswith("eval/"):
+        return None
+    values = [r[floor_key(key)] for r in summary["runs"] if is_number(r.get(floor_key(key)))]
+    return sum(values) / len(values) if values else None
 
 
 def status_cell(status: str, ok: str = "ok") -> str:
@@ -119,48 +152,69 @@ def status_cell(status: str, ok: str = "ok") -> str:
 
 # ---- tables --------------------------------------------------------------------------------------
 
-RANKING_HEAD = [
-    "rank", "optimizer", "lr", "runs ok", "val/loss", "train/loss", "eval/fd", "confident", "steps to target",
-    "s to target", "img/s", "peak MB", "state MB", "non-finite", "spikes", "clipped", "status",
-]  # fmt: skip
+def verdict(row: dict[str, Any]) -> str:
+    """best | tied (not resolved from the best) | resolved (the interval of the difference excludes 0)."""
+    if row.get("best"):
+        return "best"
+    if row.get("diff_vs_best") is None:
+        return "no data"
+    return "tied" if row.get("tied") else "resolved"
 
 
 def ranking_table(summary: dict[str, Any]) -> Table:
+    """One row per arm in rank order: the ranking metric with its interval and the paired gap to the best."""
+    metric = summary["rank_by"]
+    others = [k for k in ("val/loss", "train/loss", "eval/fd") if k != metric]
+    costs = ["perf/images_per_sec", "perf/peak_memory_mb", "optim/state_mb", "nonfinite_steps", "loss_spikes"]
+    head = ["rank", "arm", "lr", "seeds ok", metric, "vs best (paired)", "verdict", *others]
+    head += [
+        "steps to target",
+        "s to target",
+        "img/s",
+        "peak MB",
+        "state MB",
+        "non-finite",
+        "spikes",
+        "clipped",
+        "status",
+    ]
     body = []
-    for r in summary["optimizers"]:
+    for r in summary["arms"]:
         target = (
             (fmt(r["target_step"]), fmt(r["target_seconds"]))
             if r["target_step"] is not None
             else (f"not reached ({r['target_reached']})", "-")
         )
-        metrics = ["val/loss", "train/loss", "eval/fd", "eval/confident_frac"]
-        costs = ["perf/images_per_sec", "perf/peak_memory_mb", "optim/state_mb", "nonfinite_steps"]
+        gap = diff_text(r["diff_vs_best"]) if r.get("diff_vs_best") else "-"
         body.append(
             [
                 str(r["rank"]),
-                r["optimizer"],
+                r["arm"],
                 fmt(r["learning_rate"]),
                 f"{r['runs_complete']}/{r['runs_total']}",
-                *[pm(r, k) for k in metrics],
+                pm(r, metric),
+                gap,
+                verdict(r),
+                *[pm(r, k) for k in others],
                 *target,
-                *[pm(r, k) for k in [*costs, "loss_spikes", "clipped_fraction_mean"]],
+                *[pm(r, k) for k in [*costs, "clipped_fraction_mean"]],
                 status_cell(r["status"]),
             ]
         )
-    return Table(list(RANKING_HEAD), body)
+    return Table(head, body)
 
 
 def runs_table(rows: list[dict[str, Any]]) -> Table:
-    head = ["run", "optimizer", "lr", "seed", "status", "steps", "val/loss", "train/loss", "steps to target", "error"]
+    head = ["run", "arm", "lr", "seed", "status", "steps", "val/loss", "train/loss", "steps to target", "error"]
     body = [
         [
             r["run"],
-            r["optimizer"],
+            r["arm"],
             fmt(r["learning_rate"]),
             fmt(r["seed"]),
             status_cell(r["status"], ok="complete"),
             fmt(r["steps"]),
-            fmt(r.get("val/loss")),
+            with_se(r, "val/loss"),
             fmt(r.get("train/loss")),
             fmt(r["target_step"]) if r["target_step"] is not None else "not reached",
             (r["error"] or "").splitlines()[-1][:200] if r["error"] else "",
@@ -171,10 +225,53 @@ def runs_table(rows: list[dict[str, Any]]) -> Table:
 
 
 def bucket_table(summary: dict[str, Any]) -> Table:
-    rows = summary["optimizers"]
+    rows = summary["arms"]
     keys = list(dict.fromkeys(k for r in rows for k in r if BUCKET_RE.match(k) or k.startswith("eval/")))
-    keys = [k for k in keys if not k.endswith("_std")]
-    return Table(["optimizer", *keys], [[r["optimizer"], *[pm(r, k) for k in keys]] for r in rows])
+    keys = [k for k in keys if not k.endswith(STAT_SUFFIXES)]
+    return Table(["arm", *keys], [[r["arm"], *[pm(r, k) for k in keys]] for r in rows])
+
+
+def findings(summary: dict[str, Any]) -> list[str]:
+    """Plain sentences: what the seeds resolved between each arm and the best, and what they did not."""
+    metric, arms = summary["rank_by"], summary["arms"]
+    best = arms[0]["arm"]
+    direction = "higher" if summary.get("higher_is_better") else "lower"
+    seeds = max((r.get(metric + "_n") or 0 for r in arms), default=0)
+    lines = [
+        f"Ranked by {metric} ({direction} is better), mean over up to {seeds} seed(s) with 95% t-intervals; "
+        f"differences between arms are paired by seed. Best: {best}."
+    ]
+    floor = floor_of(summary, metric)
+    if floor is not None:
+        lines.append(
+            f"Floor of {metric}: {fmt(floor)}, the score of real held-out images at the same sample count; "
+            "an arm near it samples as well as this metric can tell."
+        )
+    if len(arms) == 1:
+        return lines
+    if seeds < 2:
+        return lines + [
+            "Nothing is resolved: one seed per arm gives no interval (use --seeds with 2 or more)."
+        ]
+    by_pair: dict[str, list[dict[str, Any]]] = {}
+    for diff in summary["comparisons"]:
+        by_pair.setdefault(diff["a"], []).append(diff)
+    for arm, diffs in by_pair.items():
+        head = next((d for d in diffs if d["metric"] == metric), None)
+        rest = [d for d in diffs if d["metric"] != metric]
+        text = f"{arm} vs {best}: {metric} " + (
+            diff_text(head) if head and head["resolved"] else f"not resolved ({diff_text(head or {})})"
+        )
+        resolved = [f"{d['metric']} {diff_text(d)}" for d in rest if d["resolved"]]
+        if rest:
+            text += "; " + (
+                "; ".join(resolved) + "; other metrics not resolved" if resolved else "no bucket resolved"
+            )
+        lines.append(text + ".")
+    tied = [r["arm"] for r in arms if r.get("tied")]
+    if tied:
+        lines.append(f"Not distinguishable from {best} on {metric}: {', '.join(tied)}.")
+    return lines
 
 
 # ---- sections (the one list both formats render) ---------------------------------------------------
@@ -188,12 +285,11 @@ def recommendation_section(ctx: ReportContext) -> Section | None:
 
 def intro_section(ctx: ReportContext) -> Section:
     s = ctx.summary
-    text = (
-        f"Target validation loss: {fmt(s['target_val_loss'])} ({s['target_rule']}). Ranked by final val/loss "
-        f"(mean over seeds), ties broken by eval/fd. Loss spike: train/loss > {SPIKE_FACTOR:g}x the median "
-        f"of all earlier values. ± is the sample standard deviation over seeds."
+    notes = (
+        f"± is the half-width of the 95% t-interval over seeds. Target validation loss: {fmt(s['target_val_loss'])} "
+        f"({s['target_rule']}). Loss spike: train/loss > {SPIKE_FACTOR:g}x the median of all earlier values."
     )
-    return Section(None, [Text(text)])
+    return Section("What the seeds resolved", [*(Text(line) for line in findings(s)), Text(notes)])
 
 
 LOAD_DEPENDENT = {"s to target": "s to target*", "img/s": "img/s*", "peak MB": "peak MB*"}
@@ -210,7 +306,20 @@ def load_note(summary: dict[str, Any]) -> Text:
 def ranking_section(ctx: ReportContext) -> Section:
     ranking = ctx.with_swatches(ranking_table(ctx.summary))
     ranking.head = [LOAD_DEPENDENT.get(h, h) for h in ranking.head]
-    return Section("Ranking", [ranking, load_note(ctx.summary), ctx.with_swatches(bucket_table(ctx.summary))])
+    buckets = ctx.with_swatches(bucket_table(ctx.summary))
+    return Section("Ranking", [ranking, load_note(ctx.summary), *([buckets] if len(buckets.head) > 1 else [])])
+
+
+def forest_section(ctx: ReportContext) -> Section:
+    keys = list(dict.fromkeys([ctx.summary["rank_by"], "val/loss"]))
+    keys = [k for k in keys if any(is_number(r.get(k)) for r in ctx.summary["arms"])] or keys[:1]
+    floors = {k: floor_of(ctx.summary, k) for k in keys}
+    path = figures.plot_forest(ctx.summary, keys, ctx.figure_dir / "forest.png", floors)
+    text = (
+        "Left: each arm's mean (diamond) and 95% interval (bar) over its seeds (dots). Right: the difference from "
+        "the best arm, seed by seed; an interval that crosses zero is not resolved (hollow: tied)."
+    )
+    return Section("Intervals over seeds", [Text(text), Image(path, "forest plot")])
 
 
 def val_curves_section(ctx: ReportContext) -> Section:
@@ -236,7 +345,7 @@ def grad_lr_section(ctx: ReportContext) -> Section:
 
 
 def grids_section(ctx: ReportContext) -> Section:
-    items = [(f"{r.optimizer} lr={fmt(r.learning_rate)} seed={r.seed} [{r.status}]", final_grid(r)) for r in ctx.runs]
+    items = [(f"{r.arm} lr={fmt(r.learning_rate)} seed={r.seed} [{r.status}]", final_grid(r)) for r in ctx.runs]
     return Section("Final sample grids", [Gallery(items)])
 
 
@@ -259,6 +368,7 @@ SECTIONS: list[SectionFn] = [
     recommendation_section,
     intro_section,
     ranking_section,
+    forest_section,
     val_curves_section,
     heatmap_section,
     grad_lr_section,

@@ -1,4 +1,4 @@
-"""The summary of a comparison: one row per run, one per optimizer over seeds, ranked; summary.json/csv."""
+"""The summary of a comparison: one row per run, one per arm over seeds (with intervals), ranked; summary.json/csv."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from diffusers_optim.arms import arm_identity, arm_labels, arm_settings, varying_keys
 from diffusers_optim.errors import UserError
+from diffusers_optim.metrics.keys import primary_metric
 from diffusers_optim.report.reading import (
     Run,
     bucket_keys,
@@ -19,6 +21,7 @@ from diffusers_optim.report.reading import (
     read_json,
     series,
 )
+from diffusers_optim.report.stats import CONFIDENCE, estimate, higher_is_better, paired_difference, rank_arms
 
 SPIKE_FACTOR = 3.0  # a loss spike: train/loss above this multiple of the running median so far
 SPIKE_MIN_HISTORY = 3  # the running median needs a few points before it means anything
@@ -53,12 +56,12 @@ def best_val_loss(run: Run) -> float | None:
 
 
 def default_target(runs: list[Run]) -> float | None:
-    """The worst optimizer's best val/loss x TARGET_SLACK, so every optimizer that learns reaches it."""
+    """The worst arm's best val/loss x TARGET_SLACK, so every arm that learns reaches it."""
     best: dict[str, float] = {}
     for run in runs:
         value = best_val_loss(run)
         if value is not None:
-            best[run.optimizer] = min(value, best.get(run.optimizer, math.inf))
+            best[run.arm] = min(value, best.get(run.arm, math.inf))
     return max(best.values()) * TARGET_SLACK if best else None
 
 
@@ -80,7 +83,8 @@ def run_row(run: Run, target: float | None) -> dict[str, Any]:
     recs = run.records
     row: dict[str, Any] = dict(
         kind="run",
-        optimizer=run.optimizer,
+        arm=run.arm,
+        optimizer=run.settings.get("optimizer", run.optimizer),
         run=run.name,
         seed=run.seed,
         learning_rate=run.learning_rate,
@@ -91,7 +95,9 @@ def run_row(run: Run, target: float | None) -> dict[str, Any]:
     row["wall_time_s"] = run.summary.get("wall_time_s", recs[-1].get("elapsed_s") if recs else None)
     for key in ["train/loss", "val/loss", *bucket_keys(recs, "loss_t"), *bucket_keys(recs, "val_t")]:
         row[key] = last_value(recs, key)
-    for key in sorted({k for rec in recs for k in rec if k.startswith("eval/")}):
+    # every validation and quality key (their standard errors, raw-weights twins and floors too)
+    measured = {k for rec in recs for k in rec if k.split("/")[0].startswith(("val", "eval"))}
+    for key in sorted(measured - set(row)):
         row[key] = last_value(recs, key)
     hit = time_to_target(recs, target) if target is not None else None
     row["target_step"], row["target_seconds"] = hit if hit else (None, None)
@@ -105,83 +111,135 @@ def run_row(run: Run, target: float | None) -> dict[str, Any]:
     return row
 
 
-ID_COLUMNS = ("kind", "optimizer", "run", "seed", "learning_rate", "status", "error")
+ID_COLUMNS = ("kind", "arm", "optimizer", "run", "seed", "learning_rate", "status", "error")
+NOT_AVERAGED = (*ID_COLUMNS, "target_step", "target_seconds")
 
 
-def optimizer_row(optimizer: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and sample std (ddof=1; None with one seed) over the complete runs of one optimizer."""
+def label_arms(runs: list[Run]) -> dict[str, list[Run]]:
+    """Group runs into arms by their full training settings and label each arm; runs keep plan order."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(arm_identity(run.settings), []).append(run)
+    labels = arm_labels([arm_settings(g[0].settings) for g in groups.values()])
+    for label, group in zip(labels, groups.values()):
+        for run in group:
+            run.arm = label
+    return {label: group for label, group in zip(labels, groups.values())}
+
+
+def arm_row(arm: str, runs: list[Run], rows: list[dict[str, Any]], varying: list[str]) -> dict[str, Any]:
+    """Per metric over the complete seeds of one arm: mean, std (ddof=1), n and the 95% t-interval."""
     done = [r for r in rows if r["status"] == "complete"]
+    settings = runs[0].settings
     out: dict[str, Any] = dict(
-        kind="optimizer",
-        optimizer=optimizer,
+        kind="arm",
+        arm=arm,
+        optimizer=settings.get("optimizer"),
+        settings={k: settings.get(k) for k in varying},
         learning_rate=rows[0]["learning_rate"],
         runs_complete=len(done),
         runs_total=len(rows),
     )
     out["status"] = "complete" if len(done) == len(rows) else ("failed" if not done else "partial")
-    numeric = [
-        k
-        for k in dict.fromkeys(k for r in done for k in r)
-        if k not in ID_COLUMNS and k != "target_step" and k != "target_seconds"
-    ]
-    for key in numeric:
-        values = [r[key] for r in done if is_number(r.get(key))]
-        out[key] = statistics.fmean(values) if values else None
-        out[key + "_std"] = statistics.stdev(values) if len(values) > 1 else None
+    for key in dict.fromkeys(k for r in done for k in r if k not in NOT_AVERAGED):
+        est = estimate([float(r[key]) for r in done if is_number(r.get(key))])
+        if est.n:
+            out[key], out[key + "_std"], out[key + "_n"] = est.mean, est.std, est.n
+            out[key + "_ci_low"], out[key + "_ci_high"] = est.low, est.high
     reached = [r for r in done if r["target_step"] is not None]
     out["target_reached"] = f"{len(reached)}/{len(rows)}"
     for key in ("target_step", "target_seconds"):
-        # a mean over the seeds that got there would flatter an optimizer that mostly did not
+        # a mean over the seeds that got there would flatter an arm that mostly did not
         vals = [r[key] for r in reached]
         out[key] = statistics.fmean(vals) if reached and len(reached) == len(rows) else None
     return out
 
 
-def rank_key(row: dict[str, Any]) -> tuple[int, float, float]:
-    """Rank by final val/loss (non-finite or missing last), ties broken by eval/fd when present."""
-    val = row.get("val/loss")
-    fd = row.get("eval/fd")
-    return (
-        0 if row["runs_complete"] else 1,
-        val if is_number(val) else math.inf,
-        fd if is_number(fd) else math.inf,
-    )
+def choose_rank_by(rows: list[dict[str, Any]], rank_by: str | None) -> str:
+    """The metric to rank on: the one asked for (it must be logged), else the sample-quality metric, else val/loss."""
+    logged = {k for r in rows for k, v in r.items() if is_number(v)}
+    if rank_by is not None:
+        if rank_by not in logged:
+            from diffusers_optim.errors import unknown_choice
+
+            raise unknown_choice("--rank_by metric", rank_by, sorted(k for k in logged if "/" in k))
+        return rank_by
+    return primary_metric(logged)
 
 
-def build_summary(root: Path, target: float | None = None) -> dict[str, Any]:
-    """The summary of a comparison folder: runs, optimizers (ranked), target, tuning trials, command."""
+def per_seed(rows: list[dict[str, Any]], key: str) -> dict[int, float]:
+    """{seed: value} of one metric over an arm's complete runs."""
+    return {
+        int(r["seed"]): float(r[key])
+        for r in rows
+        if r["status"] == "complete" and r.get("seed") is not None and is_number(r.get(key))
+    }
+
+
+def rank(arm_rows: list[dict[str, Any]], rows_by_arm: dict[str, list[dict]], metric: str) -> list[dict]:
+    """Arm rows in rank order, each with `tied` (not resolved from the best) and its paired difference."""
+    order = rank_arms({arm: per_seed(rows, metric) for arm, rows in rows_by_arm.items()}, metric)
+    by_arm = {row["arm"]: row for row in arm_rows}
+    ranked = []
+    for entry in order:
+        row = by_arm[entry["arm"]]
+        row.update(
+            rank=entry["rank"], best=entry["best"], tied=entry["tied"], diff_vs_best=entry["diff_vs_best"]
+        )
+        ranked.append(row)
+    return ranked
+
+
+def comparisons(rows_by_arm: dict[str, list[dict]], best: str, keys: list[str]) -> list[dict[str, Any]]:
+    """Every other arm against the best, per metric, paired by seed."""
+    return [
+        paired_difference(per_seed(rows, key), per_seed(rows_by_arm[best], key), (arm, best), key).as_dict()
+        for arm, rows in rows_by_arm.items()
+        if arm != best
+        for key in keys
+    ]
+
+
+def build_summary(root: Path, target: float | None = None, rank_by: str | None = None) -> dict[str, Any]:
+    """The summary of a comparison folder: runs, arms (ranked, with intervals), comparisons, target, command."""
     root = Path(root)
+    plan = read_json(root / "plan.json")
     runs = load_comparison(root, "final")
     if not runs:
         raise UserError(f"no runs found in {root} (expected plan.json or runs/<run>/ folders)")
-    rule = "given" if target is not None else f"worst optimizer's best val/loss x {TARGET_SLACK}"
+    arms = label_arms(runs)
+    rule = "given" if target is not None else f"worst arm's best val/loss x {TARGET_SLACK}"
     target = target if target is not None else default_target(runs)
     rows = [run_row(r, target) for r in runs]
-    by_opt: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        by_opt.setdefault(row["optimizer"], []).append(row)
-    ranked = sorted((optimizer_row(name, rs) for name, rs in by_opt.items()), key=rank_key)
-    for i, row in enumerate(ranked, start=1):
-        row["rank"] = i
-    tuning = [run_row(r, target) for r in load_comparison(root, "tune")]
-    plan = read_json(root / "plan.json")
+    rows_by_arm = {arm: [row for row in rows if row["arm"] == arm] for arm in arms}
+    metric = choose_rank_by(rows, rank_by or plan.get("rank_by"))
+    varying = varying_keys([arm_settings(g[0].settings) for g in arms.values()])
+    arm_rows = [arm_row(arm, group, rows_by_arm[arm], varying) for arm, group in arms.items()]
+    ranked = rank(arm_rows, rows_by_arm, metric)
+    tuning_runs = load_comparison(root, "tune")
+    label_arms(tuning_runs)
+    keys = [metric, *dict.fromkeys(k for r in rows for k in r if k == "val/loss" or k.startswith("val_t/"))]
     return dict(
+        rank_by=metric,
+        higher_is_better=higher_is_better(metric),
+        confidence=CONFIDENCE,
         target_val_loss=target,
         target_rule=rule,
         runs=rows,
-        optimizers=ranked,
-        tuning=tuning,
+        arms=ranked,
+        comparisons=comparisons(rows_by_arm, ranked[0]["arm"], list(dict.fromkeys(keys))),
+        tuning=[run_row(r, target) for r in tuning_runs],
         command=plan.get("command"),
         chosen_lr=plan.get("chosen_lr", {}),
     )
 
 
 def write_summary(summary: dict[str, Any], root: Path) -> tuple[Path, Path]:
-    """summary.json (everything) and summary.csv (one row per run, then one per optimizer)."""
+    """summary.json (everything) and summary.csv (one row per run, then one per arm)."""
     root = Path(root)
     json_path, csv_path = root / "summary.json", root / "summary.csv"
     json_path.write_text(json.dumps(clean_json(summary), indent=2) + "\n")
-    rows = summary["runs"] + summary["optimizers"]
+    rows = summary["runs"] + [{k: v for k, v in r.items() if k != "diff_vs_best"} for r in summary["arms"]]
     columns = list(dict.fromkeys(k for row in rows for k in row))
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
@@ -200,4 +258,3 @@ def clean_json(value: Any) -> Any:
     if isinstance(value, list):
         return [clean_json(v) for v in value]
     return value
-

@@ -49,10 +49,11 @@ def check_progress_lines(stdout: str, out: Path) -> None:
                for line in lines)
     # the compact ranking: two arms, their primary metric, and the report's path, no 17-column table
     summary = json.loads((out / "summary.json").read_text())
-    tail = stdout[stdout.index("ranking by final val/loss"):].splitlines()
+    metric = summary["rank_by"]
+    tail = stdout[stdout.index(f"ranking by final {metric}"):].splitlines()
     assert len(tail) == 4 and all(len(line) < 100 for line in tail), tail
-    for row, line in zip(summary["optimizers"], tail[1:3]):
-        assert line.split()[:3] == [str(row["rank"]), row["optimizer"], sig(row["val/loss"])], line
+    for row, line in zip(summary["arms"], tail[1:3]):
+        assert line.split()[:3] == [str(row["rank"]), row["arm"], sig(row[metric])], line
     assert tail[3] == f"report: {out / 'report.html'}"
     assert "| rank |" not in stdout
 
@@ -77,12 +78,12 @@ def test_tiny_comparison_end_to_end(tmp_path: Path):
         metrics = out / "runs" / row["run"] / "metrics.jsonl"
         for key in ["val/loss", "train/loss", "val_t/00-24", "loss_t/75-99"]:
             assert row[key] == pytest.approx(last(metrics, key)), key
-        opt = next(o for o in summary["optimizers"] if o["optimizer"] == row["optimizer"])
+        opt = next(o for o in summary["arms"] if o["arm"] == row["arm"])
         assert opt["val/loss"] == pytest.approx(row["val/loss"])  # one seed: the mean is the run
         assert f">{sig(row['val/loss'])}<" in html  # rounded to significant digits for people
-    assert html.count("data:image/png;base64,") == 5  # three figures and both final sample grids
+    assert html.count("data:image/png;base64,") == 6  # four figures and both final sample grids
     md = (out / "report.md").read_text()
-    assert md.count("](report_files/") == 5 and "diffusers-optim compare --optimizers" in md
+    assert md.count("](report_files/") == 6 and "diffusers-optim compare --optimizers" in md
 
     # the rerun reuses both finished runs: no trainer is started, nothing in the run folders changes
     logs = {p: p.read_text() for p in (out / "logs").glob("*.log")}
@@ -137,4 +138,23 @@ def test_live_view_on_a_terminal(tmp_path: Path):
         assert rows, text[-3000:]  # a live row: name, step/total, loss, img/s, ETA
         assert any(loss != "-" and ips.isdigit() for _, loss, ips, _ in rows), rows
     assert re.search(r"runs: [012]/2 runs finished, [012] running, steps \d+/(12|\?), ETA", text)
-    assert "ranking by final val/loss" in text and f"report: {out / 'report.html'}" in text
+    metric = json.loads((out / "summary.json").read_text())["rank_by"]
+    assert f"ranking by final {metric}" in text and f"report: {out / 'report.html'}" in text
+
+
+def test_grid_values_reach_the_trainer_and_name_the_arms(tmp_path):
+    out = tmp_path / "grid"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TQDM_DISABLE": "1"}
+    cmd = [sys.executable, "-m", "diffusers_optim.cli", "compare", "--optimizers", "adamw:lr=1e-3", "--seeds", "0",
+           "--grid", "max_grad_norm=0,0.01", "--rank_by", "val/loss", "--output_dir", str(out), *TRAIN_FLAGS]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(a["arm"] for a in summary["arms"]) == ["max_grad_norm=0", "max_grad_norm=0.01"]
+    assert summary["rank_by"] == "val/loss"
+    for arm in summary["arms"]:
+        (run,) = [r for r in summary["runs"] if r["arm"] == arm["arm"]]
+        config = json.loads((out / "runs" / run["run"] / "config.json").read_text())["config"]
+        assert config["max_grad_norm"] == arm["settings"]["max_grad_norm"]
+        # the value changed training: clipping off never clips, a 0.01 bound clips every step
+        assert run["clipped_fraction_mean"] == (0.0 if config["max_grad_norm"] == 0 else 1.0)

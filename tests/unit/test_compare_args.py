@@ -84,13 +84,11 @@ def test_bad_comparison_flags_are_user_errors(tmp_path, argv, message):
 def test_plan_shares_every_flag_but_the_optimizer(tmp_path):
     cmp = compare.parse_comparison(
         ["--optimizers", "adamw", "sgd:lr=0.01,momentum=0.9", "--seeds", "0", "1"]
-        + ["--output_dir", str(tmp_path / "cmp"), "--max_train_steps=30", "--use_ema", "--init_seed", "5"]
+        + ["--output_dir", str(tmp_path / "cmp"), "--max_train_steps=30", "--use_ema", "--init_seed", "5", "--lr_warmup_steps", "2"]
     )
-    assert cmp.common == ["--max_train_steps", "30", "--use_ema", "true", "--init_seed", "5"]
+    assert cmp.common == ["--max_train_steps", "30", "--use_ema", "true", "--init_seed", "5", "--lr_warmup_steps", "2"]
     assert cmp.group == "cmp"
-    runs = [
-        compare.plan_run(c, c.lr, s, "final", cmp.common, cmp.group) for c in cmp.choices for s in cmp.seeds
-    ]
+    runs = [compare.plan_run(a, a.choice.lr, s, "final", cmp.common, cmp.group) for a in cmp.arms for s in cmp.seeds]
     assert [r.path for r in runs] == ["runs/adamw-lr0.0001-s0", "runs/adamw-lr0.0001-s1"] + [
         "runs/sgd-lr0.01-s0",
         "runs/sgd-lr0.01-s1",
@@ -124,7 +122,9 @@ class FakeTrainer:
         if cfg.optimizer == self.fail_optimizer:
             log_path.write_text("Traceback...\nRuntimeError: loss exploded\n")
             return 1
+        # falls with lr and rises with beta1 and warmup; the seed shifts every arm alike (so pairing removes it)
         val = 1.0 / (1.0 + 100 * cfg.learning_rate) + 0.01 * cfg.seed
+        val += 0.1 * (cfg.adam_beta1 or 0.0) + 0.002 * (cfg.lr_warmup_steps or 0)
         rec = {"step": cfg.max_train_steps, "elapsed_s": 1.0, "train/loss": val, "val/loss": val}
         (out / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
         summary = {"status": "complete", "steps": cfg.max_train_steps, "final": {"val/loss": val}}
@@ -144,7 +144,7 @@ def run(tmp_path: Path, trainer: FakeTrainer, *extra: str) -> dict[str, Path]:
         str(tmp_path),
     ]
     return compare.run_comparison(
-        compare.parse_comparison(argv + ["--max_train_steps", "7", *extra]), trainer
+        compare.parse_comparison(argv + ["--max_train_steps", "7", "--lr_warmup_steps", "1", *extra]), trainer
     )
 
 
@@ -157,7 +157,7 @@ def test_failed_run_is_recorded_and_completed_runs_are_reused(tmp_path):
         set(failures) == {"sgd-lr0.01-s0", "sgd-lr0.01-s1"} and "loss exploded" in failures["sgd-lr0.01-s0"]
     )
     summary = json.loads(paths["summary_json"].read_text())
-    assert [(o["optimizer"], o["status"]) for o in summary["optimizers"]] == [
+    assert [(o["arm"], o["status"]) for o in summary["arms"]] == [
         ("adamw", "complete"),
         ("sgd", "failed"),
     ]
@@ -176,7 +176,7 @@ def test_changed_flags_refuse_to_reuse_a_run(tmp_path):
     with pytest.raises(UserError, match="differs in: max_train_steps"):
         compare.run_comparison(
             compare.parse_comparison(
-                ["--optimizers", "adamw:lr=1e-3", "--output_dir", str(tmp_path), "--max_train_steps", "9"]
+                ["--optimizers", "adamw:lr=1e-3", "--output_dir", str(tmp_path), "--max_train_steps", "9", "--lr_warmup_steps", "1"]
             ),
             FakeTrainer(),
         )
@@ -184,7 +184,7 @@ def test_changed_flags_refuse_to_reuse_a_run(tmp_path):
 
 def test_incomplete_run_with_checkpoint_resumes(tmp_path):
     cmds = []
-    argv = ["--optimizers", "adamw:lr=1e-3", "--output_dir", str(tmp_path), "--max_train_steps", "7"]
+    argv = ["--optimizers", "adamw:lr=1e-3", "--output_dir", str(tmp_path), "--max_train_steps", "7", "--lr_warmup_steps", "1"]
     cmp = compare.parse_comparison(argv)
     ckpt = tmp_path / "runs" / "adamw-lr0.001-s0" / "checkpoints" / "checkpoint-5"
     ckpt.mkdir(parents=True)
@@ -209,8 +209,8 @@ def test_lr_grid_tunes_on_first_seed_then_runs_best_on_all(tmp_path):
     assert plan["chosen_lr"] == {"adamw": 0.002, "sgd": 0.02}
     summary = json.loads(paths["summary_json"].read_text())
     assert len(summary["tuning"]) == 4 and len(summary["runs"]) == 4
-    adamw = next(o for o in summary["optimizers"] if o["optimizer"] == "adamw")
-    assert adamw["val/loss"] == pytest.approx(1 / 1.2 + 0.005) and not math.isnan(adamw["val/loss_std"])
+    adamw = next(o for o in summary["arms"] if o["arm"] == "adamw")
+    assert adamw["val/loss"] == pytest.approx(1 / 1.2 + 0.005 + 0.002) and not math.isnan(adamw["val/loss_std"])
 
 
 def test_accelerate_config_launches_the_training_script(tmp_path):
@@ -219,7 +219,7 @@ def test_accelerate_config_launches_the_training_script(tmp_path):
     cmp = compare.parse_comparison(
         ["--optimizers", "lion", "--output_dir", str(tmp_path / "c"), "--accelerate_config", str(config)]
     )
-    run = compare.plan_run(cmp.choices[0], cmp.choices[0].lr, 0, "final", cmp.common, cmp.group)
+    run = compare.plan_run(cmp.arms[0], cmp.arms[0].choice.lr, 0, "final", cmp.common, cmp.group)
     cmd = compare.trainer_command(run, cmp.root, cmp.accelerate_config)
     launch = cmd.index("--config_file")
     assert cmd[launch - 1] in ("launch", "accelerate.commands.launch") and cmd[launch + 1] == str(config)
@@ -230,3 +230,112 @@ def test_accelerate_config_launches_the_training_script(tmp_path):
 def test_diffusers_flag_names_pass_through_as_ours():
     assert compare.parse_passthrough(["--eval_batch_size", "4", "--ddpm_num_inference_steps=2"]) == [
         ("num_samples", "4"), ("num_inference_steps", "2")]
+
+
+GRID_ARGV = ["--optimizers", "adam", "--grid", "adam_beta1=0.5,0.9", "--grid", "lr_warmup_steps=0,5"]
+GRID_LABELS = [
+    "adam_beta1=0.5 lr_warmup_steps=0",
+    "adam_beta1=0.5 lr_warmup_steps=5",
+    "adam_beta1=0.9 lr_warmup_steps=0",
+    "adam_beta1=0.9 lr_warmup_steps=5",
+]
+
+
+def grid_comparison(out: Path, trainer: FakeTrainer, *extra: str) -> dict[str, Path]:
+    argv = [*GRID_ARGV, "--seeds", "0", "1", "--output_dir", str(out), "--max_train_steps", "10", *extra]
+    return compare.run_comparison(compare.parse_comparison(argv), trainer)
+
+
+def test_grid_plans_8_runs_in_4_arms_with_intervals_and_distinct_labels(tmp_path):
+    trainer = FakeTrainer()
+    paths = grid_comparison(tmp_path, trainer)
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert len(plan["runs"]) == 8 and [a["label"] for a in plan["arms"]] == GRID_LABELS
+    assert plan["grid"] == {"adam_beta1": ["0.5", "0.9"], "lr_warmup_steps": ["0", "5"]}
+    assert len(trainer.launched) == 8 and "adam-adam_beta1=0.9-lr_warmup_steps=5-lr0.0001-s1" in trainer.launched
+
+    summary = json.loads(paths["summary_json"].read_text())
+    arms = {a["arm"]: a for a in summary["arms"]}
+    assert sorted(arms) == GRID_LABELS and summary["rank_by"] == "val/loss"
+    for label, arm in arms.items():
+        beta1, warmup = (float(part.split("=")[1]) for part in label.split())
+        assert arm["settings"] == {"adam_beta1": beta1, "lr_warmup_steps": warmup}
+        expected = 1 / 1.01 + 0.005 + 0.1 * beta1 + 0.002 * warmup  # mean over seeds 0 and 1
+        assert arm["val/loss"] == pytest.approx(expected) and arm["val/loss_n"] == 2
+        assert arm["val/loss_std"] == pytest.approx(0.01 / math.sqrt(2))
+        assert arm["val/loss_ci_low"] < expected < arm["val/loss_ci_high"]
+    # the seed moves every arm alike: paired by seed, every gap to the best is resolved exactly
+    assert summary["arms"][0]["arm"] == GRID_LABELS[0] and not any(a["tied"] for a in summary["arms"])
+    gap = arms[GRID_LABELS[3]]["diff_vs_best"]
+    assert gap["mean"] == pytest.approx(0.04 + 0.01) and gap["seeds"] == [0, 1] and gap["resolved"]
+    html_text, md = paths["report_html"].read_text(), paths["report_md"].read_text()
+    for label in GRID_LABELS:
+        assert f"{label}</td>" in html_text and f"| {label} |" in md
+    assert f"{GRID_LABELS[3]} vs {GRID_LABELS[0]}: val/loss higher by" in md
+
+
+def test_summarize_never_merges_arms_of_merged_folders(tmp_path):
+    """Two comparisons whose runs share names but not settings, copied into one folder, stay two arms."""
+    import shutil
+
+    from diffusers_optim import report
+
+    base = ["--optimizers", "adam", "--seeds", "0", "1", "--max_train_steps", "10"]
+    for warmup in ("0", "5"):
+        argv = [*base, "--output_dir", str(tmp_path / f"w{warmup}"), "--lr_warmup_steps", warmup]
+        compare.run_comparison(compare.parse_comparison(argv), FakeTrainer())
+    merged = tmp_path / "merged"
+    for warmup in ("0", "5"):
+        for run_dir in (tmp_path / f"w{warmup}" / "runs").iterdir():
+            shutil.copytree(run_dir, merged / "runs" / f"{run_dir.name}-from-w{warmup}")
+    summary = json.loads(report.summarize(merged)["summary_json"].read_text())
+    arms = {a["arm"]: a for a in summary["arms"]}
+    assert sorted(arms) == ["lr_warmup_steps=0", "lr_warmup_steps=5"]
+    assert all(a["runs_total"] == 2 and a["val/loss_n"] == 2 for a in arms.values())
+    assert arms["lr_warmup_steps=5"]["val/loss"] - arms["lr_warmup_steps=0"]["val/loss"] == pytest.approx(0.01)
+
+    # and into a folder that has a plan: the planned arms plus the runs added by hand, still not merged
+    grid_comparison(tmp_path / "grid", FakeTrainer())
+    for run_dir in (tmp_path / "w5" / "runs").iterdir():
+        shutil.copytree(run_dir, tmp_path / "grid" / "runs" / f"extra-{run_dir.name}")
+    summary = json.loads(report.summarize(tmp_path / "grid")["summary_json"].read_text())
+    assert len(summary["arms"]) == 5 and {a["runs_total"] for a in summary["arms"]} == {2}
+
+
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        (["adam_beta1=1.5,0.9"], "arm 'adam_beta1=1.5': optimizer 'adam': each of betas must be in"),
+        (["lr_warmup_steps=0,50"], "lr_warmup_steps \\(50\\) must be smaller than the number of training steps"),
+        (["max_grad_norm=0,big"], "--grid max_grad_norm: cannot read 'big' as float"),
+        (["seed=1,2"], "--grid seed: the comparison sets it per run \\(--seeds\\)"),
+        (["learning_rate=1,2"], "--lr_grid"),
+        (["report_to=none,wandb"], "does not change what is trained"),
+        (["max_grad_nrom=1"], "unknown --grid training flag --max_grad_nrom"),
+        (["max_grad_norm"], "expected FLAG=V1,V2"),
+        (["max_grad_norm=1,"], "expected FLAG=V1,V2"),
+        (["adam_beta1=0.5,0.50"], "repeated values"),
+        (["max_train_steps=10,20"], "given twice"),
+        (["ema_max_decay=0.9", "ema_max_decay=0.99"], "given twice"),
+    ],
+)
+def test_bad_grids_are_one_line_errors_before_any_run(tmp_path, grid, message):
+    argv = ["--optimizers", "adam", "--output_dir", str(tmp_path), "--max_train_steps", "10"]
+    with pytest.raises(UserError, match=message):
+        compare.parse_comparison(argv + [x for g in grid for x in ("--grid", g)])
+    assert not any(tmp_path.iterdir())
+
+
+def test_grid_crosses_optimizers_and_lr_grid_tunes_each_arm(tmp_path):
+    trainer = FakeTrainer()
+    argv = ["--optimizers", "adamw:lr=1e-3", "sgd:lr=0.01", "--grid", "max_grad_norm=0,1.0", "--seeds", "0"]
+    argv += ["--output_dir", str(tmp_path), "--max_train_steps", "7", "--lr_warmup_steps", "1", "--lr_grid", "1", "2"]
+    compare.run_comparison(compare.parse_comparison(argv), trainer)
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    labels = ["adamw max_grad_norm=0", "adamw max_grad_norm=1.0", "sgd max_grad_norm=0", "sgd max_grad_norm=1.0"]
+    assert [a["label"] for a in plan["arms"]] == labels
+    assert sorted(plan["chosen_lr"]) == sorted(labels)  # one tuned lr per arm
+    assert len(trainer.launched) == 8  # 4 arms x 2 multipliers; the final seed reuses the winning trial
+    spec = compare.resolve_choices(["adam:betas=(0.8,0.99)"])
+    with pytest.raises(UserError, match="sets --adam_beta1, which --grid varies"):
+        compare.build_arms(spec, {"adam_beta1": ["0.5", "0.9"]})

@@ -96,15 +96,15 @@ def test_summary_numbers_match_metrics(comparison: Path):
     assert run["steps"] == 30 and run["perf/peak_memory_mb"] == 52.0
     assert run["perf/images_per_sec"] == pytest.approx(101.0)
     assert run["clipped_fraction_mean"] == pytest.approx(0.5 / 3)
-    adamw = by(summary["optimizers"], optimizer="adamw")
+    adamw = by(summary["arms"], arm="adamw")
     assert adamw["val/loss"] == pytest.approx(0.35)
     assert adamw["val/loss_std"] == pytest.approx(statistics.stdev([0.3, 0.4]))
     assert adamw["eval/fd"] == pytest.approx(6.0)
     # sgd's only complete seed alone makes its numbers; the incomplete one is marked, not averaged
-    sgd = by(summary["optimizers"], optimizer="sgd")
+    sgd = by(summary["arms"], arm="sgd")
     assert sgd["runs_complete"] == 1 and sgd["status"] == "partial" and sgd["val/loss"] == 0.80
     assert by(summary["runs"], run="sgd-lr0.01-s1")["status"] == "incomplete"
-    assert [r["optimizer"] for r in summary["optimizers"]] == ["adamw", "sgd"]
+    assert [r["arm"] for r in summary["arms"]] == ["adamw", "sgd"]
 
 
 def test_default_target_and_time_to_target(comparison: Path):
@@ -117,19 +117,13 @@ def test_default_target_and_time_to_target(comparison: Path):
     given = report.build_summary(comparison, target=0.35)
     assert by(given["runs"], run="adamw-lr0.001-s0")["target_step"] == 30
     assert by(given["runs"], run="adamw-lr0.001-s1")["target_step"] is None
-    adamw = by(given["optimizers"], optimizer="adamw")
+    adamw = by(given["arms"], arm="adamw")
     assert adamw["target_reached"] == "1/2" and adamw["target_step"] is None
 
 
-def test_spikes_and_ties():
+def test_spikes():
     assert report.count_spikes([1.0, 1.0, 1.0, 3.5, 1.0, math.nan]) == 2
     assert report.count_spikes([1.0, 5.0, 0.9]) == 0  # too little history to call a spike
-    rows = [
-        dict(optimizer="a", runs_complete=1, **{"val/loss": 0.5, "eval/fd": 9.0}),
-        dict(optimizer="b", runs_complete=1, **{"val/loss": 0.5, "eval/fd": 3.0}),
-        dict(optimizer="c", runs_complete=0, **{"val/loss": None}),
-    ]
-    assert [r["optimizer"] for r in sorted(rows, key=report.rank_key)] == ["b", "a", "c"]
 
 
 def test_reports_written_with_sections_and_embedded_images(comparison: Path):
@@ -139,8 +133,8 @@ def test_reports_written_with_sections_and_embedded_images(comparison: Path):
     titles += ["Gradient norm and learning rate", "Final sample grids", "Runs", "Reproduce"]
     for section in titles:
         assert f"<h2>{section}</h2>" in text
-    # three figures + four sample grids, all inline; no external files referenced
-    assert text.count('src="data:image/png;base64,') == 7
+    # four figures + four sample grids, all inline; no external files referenced
+    assert text.count('src="data:image/png;base64,') == 8
     assert 'src="report_files' not in text and "INCOMPLETE" in text
     md = paths["report_md"].read_text()
     for link in [
@@ -151,9 +145,9 @@ def test_reports_written_with_sections_and_embedded_images(comparison: Path):
         assert link in md and (comparison / link).is_file()
     with paths["summary_csv"].open() as f:
         rows = list(csv.DictReader(f))
-    assert [r["kind"] for r in rows] == ["run"] * 4 + ["optimizer"] * 2
+    assert [r["kind"] for r in rows] == ["run"] * 4 + ["arm"] * 2
     assert float(rows[0]["val/loss"]) == 0.30
-    assert json.loads(paths["summary_json"].read_text())["optimizers"][0]["optimizer"] == "adamw"
+    assert json.loads(paths["summary_json"].read_text())["arms"][0]["arm"] == "adamw"
 
 
 def test_planned_failed_and_missing_runs_are_shown(comparison: Path):
@@ -182,7 +176,7 @@ def test_planned_failed_and_missing_runs_are_shown(comparison: Path):
     (comparison / "failures.json").write_text(json.dumps({"lion-lr3e-05-s0": "RuntimeError: boom"}))
     paths = report.summarize(comparison)
     summary = json.loads(paths["summary_json"].read_text())
-    lion = by(summary["optimizers"], optimizer="lion")
+    lion = by(summary["arms"], arm="lion")
     assert lion["status"] == "failed" and lion["rank"] == 2
     html_text = paths["report_html"].read_text()
     assert "FAILED" in html_text and "RuntimeError: boom" in html_text and plan["command"] in html_text
@@ -194,3 +188,17 @@ def test_summarize_cli_errors_on_empty_folder(tmp_path: Path):
 
     with pytest.raises(UserError, match="no runs found"):
         report.main([str(tmp_path)])
+
+
+def test_floor_and_standard_errors_are_shown(comparison: Path):
+    """The metric keys of metrics/keys.py: a run's val/loss_se next to its val/loss, the FD floor in the findings."""
+    for name, floor, se in [("adamw-lr0.001-s0", 0.30, 0.0021), ("adamw-lr0.001-s1", 0.34, 0.0025)]:
+        with (comparison / "runs" / name / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"step": 30, "eval_floor/fd": floor, "val/loss_se": se}) + "\n")
+    paths = report.summarize(comparison)
+    md = paths["report_md"].read_text()
+    assert "Ranked by eval/fd (lower is better)" in md  # the quality metric is the default ranking
+    assert "Floor of eval/fd: 0.32, the score of real held-out images" in md
+    assert "| 0.3 ± se 0.0021 |" in md and "| 0.4 ± se 0.0025 |" in md
+    summary = json.loads(paths["summary_json"].read_text())
+    assert by(summary["arms"], arm="adamw")["eval_floor/fd"] == pytest.approx(0.32)
