@@ -96,8 +96,9 @@ class Arm:
         return "-".join([self.choice.label, *(f"{k}={v}" for k, v in self.settings.items())])
 
     def flags(self) -> list[str]:
-        """Trainer flags of the arm: the optimizer, the grid's values, then its other resolved hyperparameters."""
-        args = ["--optimizer", self.choice.name]
+        """Trainer flags of the arm after --optimizer and --learning_rate: the grid's values, then its other
+        resolved hyperparameters."""
+        args: list[str] = []
         for flag, value in self.settings.items():
             args += [f"--{flag}", value]
         if self.extra:
@@ -309,13 +310,14 @@ def arm_extra(choice: OptimizerChoice, settings: dict[str, str]) -> str | None:
 def check_arms(arms: list[Arm], common: list[str]) -> None:
     """Every arm's flags through the training script's own parser and checks, before any run starts."""
     from diffusers_optim.optim import get_spec
-    from diffusers_optim.trainer import build_hparams
+    from diffusers_optim.trainer import resolve_optimizer
 
     for arm in arms:
         try:
-            cfg = parse_train_args([*common, *arm.flags(), "--learning_rate", fmt_lr(arm.choice.lr)])
+            lr = ["--learning_rate", fmt_lr(arm.choice.lr)]
+            cfg = parse_train_args([*common, "--optimizer", arm.choice.name, *lr, *arm.flags()])
             spec = get_spec(cfg.optimizer)
-            build_hparams(cfg, spec)
+            resolve_optimizer(cfg, spec)
             check_schedule(cfg, spec)
         except UserError as err:
             raise UserError(f"arm '{arm.label}': {err}") from None
@@ -348,7 +350,8 @@ def plan_run(arm: Arm, lr: float, seed: int, stage: str, common: list[str], grou
     """One run: the shared training flags, then what differs (the arm's settings, lr, seed)."""
     name = f"{arm.stem}-lr{fmt_lr(lr)}-s{seed}"
     path = f"{'tuning' if stage == 'tune' else 'runs'}/{name}"
-    args = [*common, *arm.flags(), "--learning_rate", fmt_lr(lr), "--seed", str(seed)]
+    args = [*common, "--optimizer", arm.choice.name, "--learning_rate", fmt_lr(lr), "--seed", str(seed)]
+    args += arm.flags()
     args += ["--run_group", group, "--run_name", name]
     choice = arm.choice
     return PlannedRun(

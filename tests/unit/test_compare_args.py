@@ -24,7 +24,8 @@ def test_spec_is_resolved_once_and_passed_as_optimizer_args():
     (adamw,) = compare.resolve_choices(["adamw:betas=(0.9,0.99),weight_decay=0.01,amsgrad=true"])
     expected = resolve("adamw", {"betas": (0.9, 0.99), "weight_decay": 0.01, "amsgrad": True}).kwargs
     assert parse_optimizer_args(adamw.extra) == {k: v for k, v in expected.items() if k != "lr"}
-    run = compare.plan_run(adamw, adamw.lr, 0, "final", [], "g")
+    (arm,) = compare.build_arms([adamw], {})
+    run = compare.plan_run(arm, adamw.lr, 0, "final", [], "g")
     cfg = parse_train_args([*run.args, "--output_dir", "x"])
     assert (cfg.adam_beta1, cfg.adam_weight_decay) == (None, None)  # no generic flags: only --optimizer_args
     assert dict(resolve_optimizer(cfg, get_spec("adamw")).kwargs) == dict(expected)
@@ -306,7 +307,8 @@ def test_summarize_never_merges_arms_of_merged_folders(tmp_path):
     "grid, message",
     [
         (["adam_beta1=1.5,0.9"], "arm 'adam_beta1=1.5': optimizer 'adam': each of betas must be in"),
-        (["lr_warmup_steps=0,50"], "lr_warmup_steps \\(50\\) must be smaller than the number of training steps"),
+        (["lr_warmup_steps=0,-5"], "arm 'lr_warmup_steps=-5': --lr_warmup_steps must be >= 0"),
+        (["lr_scheduler=cosine,cosin"], "arm 'lr_scheduler=cosin': unknown --lr_scheduler"),
         (["max_grad_norm=0,big"], "--grid max_grad_norm: cannot read 'big' as float"),
         (["seed=1,2"], "--grid seed: the comparison sets it per run \\(--seeds\\)"),
         (["learning_rate=1,2"], "--lr_grid"),
@@ -337,5 +339,5 @@ def test_grid_crosses_optimizers_and_lr_grid_tunes_each_arm(tmp_path):
     assert sorted(plan["chosen_lr"]) == sorted(labels)  # one tuned lr per arm
     assert len(trainer.launched) == 8  # 4 arms x 2 multipliers; the final seed reuses the winning trial
     spec = compare.resolve_choices(["adam:betas=(0.8,0.99)"])
-    with pytest.raises(UserError, match="sets --adam_beta1, which --grid varies"):
+    with pytest.raises(UserError, match="'adam:betas=\\(0.8,0.99\\)' sets betas, which --grid adam_beta1 varies"):
         compare.build_arms(spec, {"adam_beta1": ["0.5", "0.9"]})

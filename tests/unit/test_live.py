@@ -100,14 +100,14 @@ def test_durations_for_people(seconds, text):
 
 
 def test_final_lines_are_compact():
-    summary = {"optimizers": [
-        {"rank": 1, "optimizer": "adamw", "val/loss": 0.19703, "val/loss_std": 0.0021, "runs_complete": 2,
-         "runs_total": 2, "status": "complete"},
-        {"rank": 2, "optimizer": "rmsprop", "val/loss": None, "runs_complete": 0, "runs_total": 2,
+    summary = {"rank_by": "val/loss", "arms": [
+        {"rank": 1, "arm": "adamw", "val/loss": 0.19703, "val/loss_ci_low": 0.19493, "val/loss_ci_high": 0.19913,
+         "runs_complete": 2, "runs_total": 2, "status": "complete"},
+        {"rank": 2, "arm": "rmsprop", "val/loss": None, "runs_complete": 0, "runs_total": 2,
          "status": "failed"}]}
     text = final_lines(summary, Path("/out/report.html"))
     assert text.splitlines() == [
-        "ranking by final val/loss (mean over seeds, lower is better):",
+        "ranking by final val/loss (mean over seeds ± 95% interval, lower is better):",
         "   1  adamw    0.197 ± 0.0021  (2/2 runs)",
         "   2  rmsprop  -  (0/2 runs)  FAILED",
         "report: /out/report.html",

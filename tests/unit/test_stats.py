@@ -60,4 +60,4 @@ def test_rank_marks_arms_tied_with_the_best():
 def test_numbers_are_rounded_to_their_interval():
     assert fmt_pm(0.041234, 0.001432) == "0.0412 ± 0.0014"
     assert fmt_pm(12.3456, 2.5) == "12.3 ± 2.5"
-    assert fmt_pm(0.5, None) == "0.5"
+    assert fmt_pm(0.5, None) == "0.500" and fmt_pm(0.25, 0.0, "train/clipped_fraction") == "25%"
