@@ -166,7 +166,8 @@ def _hub_dataset(config: dict[str, Any]) -> str | None:
 
 def _card_data(run: dict[str, Any], model_name: str) -> ModelCardData:
     config, optimizer = run["config"], run["optimizer"]
-    name = str(optimizer["name"]).lower()
+    # an import path (torch.optim.NAdam, my_pkg.mod:MyOpt) becomes a tag the Hub accepts: torch-optim-nadam
+    name = re.sub(r"[^a-z0-9_-]+", "-", str(optimizer["name"]).lower())
     hub_dataset = _hub_dataset(config)
     tags = ["diffusers", TASK, "diffusers-optim", "ddpm", name, f"optimizer-{name}"]
     return ModelCardData(

@@ -6,6 +6,8 @@ are the reference point: Adam-like entries use them unless the optimizer's autho
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from diffusers_optim.optim.groups import muon_routing
@@ -27,6 +29,20 @@ def d_times_lr(optimizer: torch.optim.Optimizer) -> float | None:
     group = optimizer.param_groups[0]
     return float(group["d"]) * float(group["lr"]) if "d" in group else None
 
+
+def heavyball_psgd_kron(params: Any, **kwargs: Any) -> torch.optim.Optimizer:
+    """heavyball's PSGDKron; eager on CPU, where inductor fails on its compiled kernels (torch 2.13)."""
+    import heavyball
+    import heavyball.utils
+
+    if not torch.cuda.is_available():
+        heavyball.utils.compile_mode = None
+    return heavyball.PSGDKron(params, **kwargs)
+
+
+DIFFUSERS_DECOUPLED = {**DIFFUSERS_ADAMW, "decoupled_weight_decay": True}
+SCHEDULE_FREE_SOURCE = "schedulefree README: no decay schedule (our default is constant for it); warmup_steps 0: our LR " \
+    "schedule warms up"
 
 BUILTIN_SPECS = [
     OptimizerSpec(
@@ -160,11 +176,116 @@ BUILTIN_SPECS = [
         description="Schedule-free AdamW: iterate averaging instead of an lr decay; train()/eval() modes",
         defaults={"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-6, "warmup_steps": 0},
         defaults_source="lr 1e-3: schedulefree README (1-10x the scheduled AdamW lr, here 10x diffusers' 1e-4); "
-        "betas, eps: package defaults; weight_decay 1e-6: diffusers; warmup_steps 0: our LR schedule warms up",
+        "betas, eps: package defaults; weight_decay 1e-6: diffusers; " + SCHEDULE_FREE_SOURCE,
         hparam_names=ADAM_NAMES,
         aliases=("schedule_free_adamw",),
         needs_train_eval=True,
         schedule_free=True,
+    ),
+    OptimizerSpec(
+        name="nadam",
+        factory=torch.optim.NAdam,
+        description="NAdam (Adam with Nesterov momentum), decoupled weight decay as in AdamW",
+        defaults=DIFFUSERS_DECOUPLED,
+        defaults_source=DIFFUSERS_SOURCE + "; decoupled_weight_decay: AdamW-style decay, as the baseline; "
+        "momentum_decay 4e-3: torch's (Dozat 2016)",
+        hparam_names=ADAM_NAMES,
+    ),
+    OptimizerSpec(
+        name="radam",
+        factory=torch.optim.RAdam,
+        description="RAdam (Adam with a rectified variance warmup), decoupled weight decay as in AdamW",
+        defaults=DIFFUSERS_DECOUPLED,
+        defaults_source=DIFFUSERS_SOURCE + "; decoupled_weight_decay: AdamW-style decay, as the baseline",
+        hparam_names=ADAM_NAMES,
+    ),
+    OptimizerSpec(
+        name="stable_adamw",
+        factory="optimi.StableAdamW",
+        package="torch-optimi",
+        **OPTIONAL,
+        description="StableAdamW (AdamW with AdaFactor-style update clipping), torch-optimi",
+        defaults={"lr": 1e-4, "betas": (0.9, 0.99), "eps": 1e-6, "weight_decay": 1e-6},
+        defaults_source="lr 1e-4, weight_decay 1e-6: diffusers' AdamW; betas (0.9, 0.99), eps 1e-6: torch-optimi's "
+        "defaults (Wortsman et al. 2023)",
+        hparam_names=ADAM_NAMES,
+    ),
+    OptimizerSpec(
+        name="prodigy_plus_schedulefree",
+        factory="prodigyplus.ProdigyPlusScheduleFree",
+        package="prodigy-plus-schedule-free",
+        **OPTIONAL,
+        description="Prodigy + schedule-free (factored second moments, StableAdamW clipping); lr is a multiplier",
+        defaults={"lr": 1.0, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.0},
+        defaults_source="lr 1.0, betas (0.9, 0.99), eps 1e-8, weight_decay 0: the package's defaults; its README: "
+        "a constant lr (our default for schedule-free entries)",
+        hparam_names=ADAM_NAMES,
+        aliases=("prodigy_schedulefree",),
+        lr_is_multiplier=True,
+        effective_lr_fn=d_times_lr,
+        needs_train_eval=True,
+        schedule_free=True,
+    ),
+    OptimizerSpec(
+        name="sgd_schedulefree",
+        factory="schedulefree.SGDScheduleFree",
+        package="schedulefree",
+        **OPTIONAL,
+        description="Schedule-free SGD with momentum: iterate averaging instead of an lr decay",
+        defaults={"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "warmup_steps": 0},
+        defaults_source="lr 0.1: schedulefree README (10-50x classical SGD's, here 10x our sgd's 1e-2); momentum 0.9: "
+        "its default; " + SCHEDULE_FREE_SOURCE,
+        hparam_names={"lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay"},
+        needs_train_eval=True,
+        schedule_free=True,
+    ),
+    OptimizerSpec(
+        name="radam_schedulefree",
+        factory="schedulefree.RAdamScheduleFree",
+        package="schedulefree",
+        **OPTIONAL,
+        description="Schedule-free RAdam: needs no warmup, iterate averaging instead of an lr decay",
+        defaults={"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-6},
+        defaults_source="lr 1e-3: as adamw_schedulefree (schedulefree README: 1-10x the scheduled AdamW lr); betas, "
+        "eps: package defaults; weight_decay 1e-6: diffusers",
+        hparam_names=ADAM_NAMES,
+        needs_train_eval=True,
+        schedule_free=True,
+    ),
+    OptimizerSpec(
+        name="psgd_kron",
+        factory=heavyball_psgd_kron,
+        package="heavyball",
+        import_name="heavyball",
+        **OPTIONAL,
+        description="PSGD Kron (Kronecker-factored preconditioner fitted to the gradient noise), heavyball",
+        defaults={"lr": 3e-5, "betas": (0.9, 0.999), "weight_decay": 1e-6},
+        defaults_source="lr 3e-5: kron-torch README (about 1/3 of Adam's lr; diffusers' 1e-4 / 3); betas: heavyball's "
+        "defaults; weight_decay 1e-6: diffusers",
+        hparam_names=NO_EPS_NAMES,
+        exact_resume=False,  # heavyball leaves its preconditioner-update generator (precond_rng) out of state_dict
+    ),
+    OptimizerSpec(
+        name="adamw_ao_8bit",
+        factory="torchao.optim.AdamW8bit",
+        package="torchao",
+        extra="gpu",
+        description="AdamW with 8-bit block-quantized states, torchao (CUDA kernels)",
+        defaults=DIFFUSERS_ADAMW,
+        defaults_source=DIFFUSERS_SOURCE,
+        hparam_names=ADAM_NAMES,
+        needs_cuda=True,
+    ),
+    OptimizerSpec(
+        name="adamw_ao_4bit",
+        factory="torchao.optim.AdamW4bit",
+        package="torchao",
+        extra="gpu",
+        description="AdamW with 4-bit block-quantized states, torchao (CUDA kernels)",
+        defaults=DIFFUSERS_ADAMW,
+        defaults_source=DIFFUSERS_SOURCE,
+        hparam_names=ADAM_NAMES,
+        needs_cuda=True,
     ),
     OptimizerSpec(
         name="adamw_8bit",

@@ -134,10 +134,40 @@ def build(resolved: ResolvedOptimizer, model_or_params: torch.nn.Module | Iterab
     spec, kwargs = resolved.spec, dict(resolved.kwargs)
     groups = param_groups(model_or_params, None, spec.param_routing)
     try:
-        return spec.load_factory()(groups, **kwargs)
+        optimizer = spec.load_factory()(groups, **kwargs)
     except (ValueError, TypeError) as err:
         # The optimizer's own argument checks (e.g. a beta it does not accept) are still the user's input.
         raise UserError(f"optimizer '{spec.name}' rejected its hyperparameters {kwargs}: {err}") from err
+    keep_state_dtypes(optimizer)
+    return optimizer
+
+
+def keep_state_dtypes(optimizer: torch.optim.Optimizer) -> None:
+    """Loaded state keeps the dtypes it was saved with.
+
+    torch's load_state_dict casts floating-point state to the parameter's dtype, so state an optimizer keeps in
+    bf16 on fp32 parameters (Prodigy+ScheduleFree's p0 and s) came back as fp32 and a resume drifted.
+    """
+    saved: dict[Any, dict[str, torch.dtype]] = {}
+
+    def record(opt: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in opt.param_groups for p in group["params"]]
+        saved.clear()
+        for index, param in zip(ids, params):
+            entry = state_dict["state"].get(index, {})
+            saved[param] = {k: v.dtype for k, v in entry.items() if isinstance(v, torch.Tensor)}
+
+    def restore(opt: torch.optim.Optimizer) -> None:
+        for param, dtypes in saved.items():
+            state = opt.state.get(param, {})
+            for key, dtype in dtypes.items():
+                if isinstance(state.get(key), torch.Tensor) and state[key].dtype != dtype:
+                    state[key] = state[key].to(dtype)
+        saved.clear()
+
+    optimizer.register_load_state_dict_pre_hook(record)
+    optimizer.register_load_state_dict_post_hook(restore)
 
 
 def resolved_hparams(name: str, **hparams: Any) -> dict[str, Any]:

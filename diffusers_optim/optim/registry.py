@@ -2,7 +2,7 @@
 
 `default_registry()` is filled once from the built-in entries and the installed plug-ins (entry-point group
 `diffusers_optim.optimizers`); the module-level functions use it. Tests build a fresh `OptimizerRegistry()`.
-Import order has no circle: spec <- groups <- builtin <- registry.
+Import order has no circle: spec <- groups <- builtin, importpath <- registry.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 from diffusers_optim.errors import unknown_choice
 from diffusers_optim.optim.builtin import BUILTIN_SPECS
+from diffusers_optim.optim.importpath import looks_like_import_path, spec_for_import_path
 from diffusers_optim.optim.spec import EXTRA_INSTALL, GENERIC_HPARAMS, OptimizerSpec, ParamRouting
 
 logger = logging.getLogger(__name__)
@@ -60,8 +61,10 @@ class OptimizerRegistry:
         return None
 
     def get(self, name: str) -> OptimizerSpec:
-        """The spec for `name`; an unknown name lists the valid ones and the closest match."""
+        """The spec for `name`, or for the class at an import path; an unknown name lists the valid ones."""
         spec = self.find(name)
+        if spec is None and looks_like_import_path(str(name)):
+            return spec_for_import_path(str(name))
         if spec is None:
             raise unknown_choice("optimizer", str(name), [*self._specs, *self._aliases])
         return spec

@@ -39,6 +39,8 @@ class OptimizerSpec:
     aliases: tuple[str, ...] = ()
     needs_train_eval: bool = False  # schedule-free: optimizer.train()/.eval() around evaluation and saving
     schedule_free: bool = False  # averages its iterates instead of decaying the lr: constant LR by default
+    import_name: str | None = None  # module whose presence means `package` is installed (default: the factory's)
+    exact_resume: bool = True  # False: some of its state lives outside state_dict, a resume is close, not exact
     needs_cuda: bool = False  # its kernels run on CUDA only (torchao low-bit states): an error on CPU
     lr_is_multiplier: bool = False  # Prodigy-style: the optimizer finds the step size, lr ~1.0 scales it
     param_routing: ParamRouting | None = None  # Muon-style: which parameters go to which update rule
@@ -76,15 +78,15 @@ class OptimizerSpec:
 
     def is_available(self) -> bool:
         """True if the optimizer's package is installed (checked without importing it)."""
-        module = self.module_name
+        module = self.import_name or self.module_name
         return module is None or importlib.util.find_spec(module.split(".")[0]) is not None
 
     def load_factory(self) -> Callable[..., torch.optim.Optimizer]:
         """The optimizer class, importing its package now; a missing package is a UserError."""
-        if not isinstance(self.factory, str):
-            return self.factory
         if not self.is_available():
             raise UserError(self.missing_package_message())
+        if not isinstance(self.factory, str):
+            return self.factory
         module_name, attr = split_import_path(self.factory)
         obj: Any = importlib.import_module(module_name)
         for part in attr.split("."):
@@ -93,7 +95,8 @@ class OptimizerSpec:
 
     def missing_package_message(self) -> str:
         package = self.package or self.module_name
-        how = f"{EXTRA_INSTALL} (or pip install {package})" if self.extra else f"pip install {package}"
+        extra = f"pip install 'diffusers-optim[{self.extra}]'"
+        how = f"{extra} (or pip install {package})" if self.extra else f"pip install {package}"
         return f"optimizer '{self.name}' needs the package '{package}', which is not installed: {how}"
 
     def effective_lr(self, optimizer: torch.optim.Optimizer) -> float | None:

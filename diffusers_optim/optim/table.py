@@ -47,12 +47,13 @@ def describe(spec: OptimizerSpec, measure: bool = True) -> dict[str, Any]:
         "installed": installed,
         "defaults": {k: list(v) if isinstance(v, tuple) else v for k, v in spec.defaults.items()},
         "flags": [flag for flag in FLAGS if getattr(spec, flag)]
-        + (["param_routing"] if spec.param_routing else []),
+        + (["param_routing"] if spec.param_routing else [])
+        + ([] if spec.exact_resume else ["inexact_resume"]),
         "description": spec.description,
         "defaults_source": spec.defaults_source,
         "state_bytes_per_param": None,
     }
-    if measure and installed:
+    if measure and installed and (torch.cuda.is_available() or not spec.needs_cuda):
         try:
             row["state_bytes_per_param"] = round(state_bytes_per_param(spec.name), 3)
         except Exception as err:  # noqa: BLE001 - one broken entry must not hide the others

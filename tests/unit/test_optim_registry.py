@@ -30,7 +30,9 @@ from diffusers_optim.optim import (
 )
 
 REQUIRED = ["sgd", "adam", "adamw", "rmsprop", "adagrad", "adafactor", "lion", "prodigy", "adamw_schedulefree",
-            "adamw_8bit", "muon", "soap", "came", "adopt", "ademamix"]  # fmt: skip
+            "adamw_8bit", "muon", "soap", "came", "adopt", "ademamix", "nadam", "radam", "stable_adamw",
+            "prodigy_plus_schedulefree", "sgd_schedulefree", "radam_schedulefree", "psgd_kron", "adamw_ao_8bit",
+            "adamw_ao_4bit"]  # fmt: skip
 
 
 @pytest.fixture
@@ -375,3 +377,21 @@ def test_table_json(capsys) -> None:
     assert "adamw (adamw_torch)" in table and "sgd" not in table
     with pytest.raises(UserError, match="no optimizer matches"):
         main(["--pattern", "zzz*"])
+
+
+def test_table_lists_the_new_entries_with_package_defaults_and_bytes(capsys) -> None:
+    import json
+
+    from diffusers_optim.optim.table import main
+
+    assert main(["--pattern", "*", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    for name, package in [("stable_adamw", "torch-optimi"), ("prodigy_plus_schedulefree", "prodigy-plus-schedule-free"),
+                          ("psgd_kron", "heavyball"), ("sgd_schedulefree", "schedulefree"), ("nadam", "core"),
+                          ("radam", "core"), ("radam_schedulefree", "schedulefree"), ("adamw_ao_8bit", "torchao")]:
+        row = rows[name]
+        assert row["package"] == package and row["defaults"]["lr"] > 0 and row["defaults_source"], name
+        if row["installed"] and "needs_cuda" not in row["flags"]:
+            assert row["state_bytes_per_param"] > 0, name
+    assert "needs_cuda" in rows["adamw_ao_4bit"]["flags"] and rows["adamw_ao_4bit"]["state_bytes_per_param"] is None
+    assert rows["sgd_schedulefree"]["state_bytes_per_param"] == pytest.approx(4.0)  # one buffer (z) per parameter
