@@ -44,9 +44,10 @@ def default_settings() -> dict[str, Any]:
     return dataclasses.asdict(TrainConfig())
 
 
-def settings_from_args(args: list[str]) -> dict[str, Any]:
-    """The full training config that trainer flags (`--key value` pairs, as compare plans them) describe."""
-    types, settings = field_types(), default_settings()
+def settings_from_args(args: list[str], base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The full training config that trainer flags (`--key value` pairs, as compare plans them) describe,
+    over `base` (a sibling run's recorded config) or the defaults."""
+    types, settings = field_types(), dict(base or default_settings())
     for key, value in zip(args[::2], args[1::2]):
         key = key.removeprefix("--")
         if key in types:

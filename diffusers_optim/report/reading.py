@@ -124,18 +124,25 @@ def load_comparison(root: Path, stage: str = "final") -> list[Run]:
 
 
 def share_arm_settings(runs: list[Run], planned: list[dict[str, Any]]) -> None:
-    """A planned run that never wrote config.json takes the recorded settings of a run of the same planned arm.
+    """A planned run that never wrote config.json takes the recorded settings of a run of the same planned arm,
+    else those of any recorded run of the comparison with its own planned flags on top.
 
     The trainer records the values it resolved (a default warmup, the schedule), which the plan's flags leave
-    open; without this, a run that failed early would look like an arm of its own.
+    open; without this, a run that failed early would look like an arm of its own, or differ from the others
+    in a setting nobody chose.
     """
     recorded: dict[str, dict[str, Any]] = {}
     for run, plan in zip(runs, planned):
-        if run.config.get("config") and plan.get("arm") is not None:
-            recorded.setdefault(plan["arm"], run.settings)
+        if run.config.get("config"):
+            recorded.setdefault(plan.get("arm"), run.settings)
+    sibling = next(iter(recorded.values()), None)
     for run, plan in zip(runs, planned):
-        if not run.config.get("config") and plan.get("arm") in recorded:
+        if run.config.get("config") or sibling is None:
+            continue
+        if plan.get("arm") is not None and plan["arm"] in recorded:
             run.settings = {**recorded[plan["arm"]], "seed": run.seed}
+        elif plan.get("args"):
+            run.settings = settings_from_args(plan["args"], base=sibling)
 
 
 def final_grid(run: Run) -> Path | None:

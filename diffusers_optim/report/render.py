@@ -259,14 +259,16 @@ def findings(summary: dict[str, Any]) -> list[str]:
     for arm, diffs in by_pair.items():
         head = next((d for d in diffs if d["metric"] == metric), None)
         rest = [d for d in diffs if d["metric"] != metric]
+        if not any(d.get("n") for d in diffs):
+            lines.append(f"{arm}: no seed finished in both {arm} and {best}, so nothing to compare.")
+            continue
         text = f"{arm} vs {best}: {metric} " + (
             diff_text(head) if head and head["resolved"] else f"not resolved ({diff_text(head or {})})"
         )
         resolved = [f"{d['metric']} {diff_text(d)}" for d in rest if d["resolved"]]
         if rest:
-            text += "; " + (
-                "; ".join(resolved) + "; other metrics not resolved" if resolved else "no bucket resolved"
-            )
+            others = "other metrics" if resolved else ", ".join(d["metric"] for d in rest)
+            text += "; " + "; ".join([*resolved, f"{others} not resolved"])
         lines.append(text + ".")
     tied = [r["arm"] for r in arms if r.get("tied")]
     if tied:

@@ -341,3 +341,21 @@ def test_grid_crosses_optimizers_and_lr_grid_tunes_each_arm(tmp_path):
     spec = compare.resolve_choices(["adam:betas=(0.8,0.99)"])
     with pytest.raises(UserError, match="'adam:betas=\\(0.8,0.99\\)' sets betas, which --grid adam_beta1 varies"):
         compare.build_arms(spec, {"adam_beta1": ["0.5", "0.9"]})
+
+
+def test_a_run_that_never_started_stays_in_its_planned_arm(tmp_path):
+    """The trainer records values it resolved (a default warmup); an arm whose runs all failed before writing
+    a config takes them from the runs that did, so its label names only what the plan varied."""
+    fake = FakeTrainer()
+
+    def launcher(cmd: list[str], log_path: Path) -> int:
+        if "--adam_beta1" in cmd and cmd[cmd.index("--adam_beta1") + 1] == "0.9":
+            return 1  # died before writing anything
+        return fake([*cmd, "--lr_warmup_steps", "1"], log_path)  # a value the trainer resolved and recorded
+
+    argv = ["--optimizers", "adam", "--grid", "adam_beta1=0.5,0.9", "--seeds", "0", "1", "--max_train_steps", "10"]
+    compare.run_comparison(compare.parse_comparison([*argv, "--output_dir", str(tmp_path)]), launcher)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    arms = [(a["arm"], a["status"]) for a in summary["arms"]]
+    assert arms == [("adam_beta1=0.5", "complete"), ("adam_beta1=0.9", "failed")]
+    assert "no seed finished in both adam_beta1=0.9 and adam_beta1=0.5" in (tmp_path / "report.md").read_text()
