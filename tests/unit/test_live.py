@@ -112,3 +112,15 @@ def test_final_lines_are_compact():
         "   2  rmsprop  -  (0/2 runs)  FAILED",
         "report: /out/report.html",
     ]
+
+
+def test_final_lines_show_intervals_and_ties():
+    summary = {"rank_by": "eval/fd", "higher_is_better": False, "arms": [
+        {"rank": 1, "arm": "adamw", "eval/fd": 0.6, "eval/fd_ci_low": 0.55, "eval/fd_ci_high": 0.65,
+         "runs_complete": 3, "runs_total": 3, "status": "complete", "best": True},
+        {"rank": 2, "arm": "adam", "eval/fd": 0.61, "eval/fd_ci_low": 0.5, "eval/fd_ci_high": 0.72,
+         "runs_complete": 3, "runs_total": 3, "status": "complete", "tied": True}]}
+    lines = final_lines(summary, Path("r.html")).splitlines()
+    assert lines[0] == "ranking by final eval/fd (mean over seeds ± 95% interval, lower is better):"
+    assert lines[1] == "   1  adamw  0.600 ± 0.050  (3/3 runs)"
+    assert lines[2] == "   2  adam   0.610 ± 0.11  (3/3 runs)  (tied with the best: difference not resolved)"
