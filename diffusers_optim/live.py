@@ -177,7 +177,8 @@ def rich_view(board: ProgressBoard):
     from rich.console import Group
     from rich.text import Text
 
-    return Group(rich_table(board), Text(board.overall_line(), style="bold"))
+    overall = Text(board.overall_line(), style="bold")
+    return Group(rich_table(board), overall) if board.running() else overall  # no empty header at the end
 
 
 @contextlib.contextmanager
