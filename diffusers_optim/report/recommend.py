@@ -68,12 +68,16 @@ def bucket_means_sentence(arms: list[dict[str, Any]]) -> str | None:
         if not scored:
             continue
         leader = min(scored, key=lambda r: r[key])
-        (leads if name(leader) == best else behind).append(
-            bucket_name(key) if name(leader) == best else f"{bucket_name(key)} ({name(leader)} lower)")
-    if not keys or not (leads or behind):
+        if name(leader) == best:
+            leads.append(bucket_name(key))
+        else:
+            behind.append(f"{name(leader)} at {bucket_name(key)}")
+    if not leads and not behind:
         return None
-    text = f"By timestep bucket (means, not resolved): {best} is lowest at {', '.join(leads) or 'no bucket'}"
-    return text + (f"; it trails at {', '.join(behind)}." if behind else ".")
+    text = "By timestep bucket (means, not resolved): " + (
+        f"{best} has the lowest validation loss at {', '.join(leads)}" if leads
+        else f"{best} has the lowest validation loss in no bucket")
+    return text + (f"; lower than it: {', '.join(behind)}." if behind else ".")
 
 
 def bucket_sentence(summary: dict[str, Any], best: str) -> str | None:
@@ -101,6 +105,9 @@ def disagreement_sentence(summary: dict[str, Any], arms: list[dict[str, Any]]) -
 
 
 def unresolved_sentence(summary: dict[str, Any], arms: list[dict[str, Any]]) -> str | None:
+    """What the seeds did not resolve (left to the findings section when the summary has paired comparisons)."""
+    if "comparisons" in summary:
+        return None
     metric = summary.get("rank_by", "val/loss")
     seeds = max((r.get(metric + "_n") or r.get("runs_complete") or 0 for r in arms), default=0)
     if len(arms) < 2:
