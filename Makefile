@@ -30,7 +30,8 @@ demo: install
 	@echo "open $(DEMO_DIR)/report.html"
 
 # The founding questions, one comparison each, 3 seeds per arm, ranked with 95% intervals (see README "Studies").
-# 48 runs of 800 steps at batch 32; `make -o install study` skips the install on a machine that has it.
+# 48 runs of 800 steps at batch 32, ~45 CPU-seconds each (README "Studies": ~18 min on 2 free cores, estimated).
+# `make -o install study` skips the install on a machine that has it.
 STUDY_DIR ?= outputs/study
 STUDY_SEEDS ?= 0 1 2
 STUDY_FLAGS ?= --model_preset tiny --resolution 8 --ddpm_beta_schedule squaredcos_cap_v2 --max_train_steps 800 \
