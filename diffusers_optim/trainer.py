@@ -35,6 +35,7 @@ from diffusers_optim.diffusion import (
 from diffusers_optim.distributed import Stop, StopRequest, decided_on_main
 from diffusers_optim.errors import UserError
 from diffusers_optim.metrics.buckets import BucketMeter, bucket_keys, bucket_means
+from diffusers_optim.metrics.probes import GradProbe, build_probe_batch, first_moment_buffers
 from diffusers_optim.metrics.train import TrainMetrics, UpdateSnapshot, param_norm
 from diffusers_optim.models import build_noise_scheduler, build_unet, check_resolution, load_unet_config
 from diffusers_optim.optim import (
@@ -55,6 +56,7 @@ logger = get_logger(__name__)
 
 VALIDATION_SEED = 1234  # frozen validation noise/timesteps: the same for every run, so curves differ only by optimizer
 SAMPLE_SEED = 4321  # fixed sampling noise for the grid and the quality metrics
+PROBE_SEED = 2468  # frozen noise/timesteps of the gradient probes' batch: the same for every optimizer and probe
 RUN_ARTIFACTS = ("metrics.jsonl", "run_summary.json", "checkpoints", "model_index.json")
 
 
@@ -117,6 +119,8 @@ class Trainer:
         self.validation_batch()  # frozen now: a validation set too small for the buckets fails before training
         # status.json for onlookers (a comparison's live view); written from start(), after every check passed
         self.status = RunStatus(self.out, self.run_name, self.max_steps, self.accelerator.is_main_process)
+        self.probe = build_probe(cfg, self.data.validation, self.accelerator, self.model, self.noise_scheduler)
+        self.probe_record: dict[str, float] = {}
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
@@ -160,14 +164,21 @@ class Trainer:
     def train_step(self, batches) -> None:
         """One optimizer step: gradient_accumulation_steps micro-batches, clip, step (unless non-finite)."""
         is_log_step = self.is_log_step(self.step + 1)  # the step about to run
+        is_probe_step = self.probe is not None and self._due(self.cfg.grad_probe_steps, self.step + 1)
+        if is_probe_step:  # at the weights the step starts from, before its gradients exist
+            self.probe.measure_before_step(first_moment_buffers(
+                self.optimizer.optimizer, self.probe.params, self.spec.first_moment_state))
         for micro in range(self.cfg.gradient_accumulation_steps):
             with self.accelerator.accumulate(self.model):
                 self.forward_backward(next(batches), micro)
         grad_norm = self.clip_gradients()
-        snapshot = UpdateSnapshot(self.model.parameters()) if is_log_step else None
+        snapshot = UpdateSnapshot(self.model.parameters()) if is_log_step or is_probe_step else None
         self.optimizer_step(grad_norm)
         if snapshot is not None:
-            self.update_ratio = snapshot.update_ratio()
+            delta_sq, before_sq = snapshot.sums_of_squares()
+            self.update_ratio = float(delta_sq.sqrt() / before_sq.sqrt().clamp_min(1e-12))
+            if is_probe_step:  # the training gradients are freed by now: the probe's peak stays one copy
+                self.probe_record = self.probe.measure_after_step(snapshot.before, delta_sq)
 
     def forward_backward(self, clean: torch.Tensor, micro: int) -> None:
         """Noise a micro-batch, predict, and backpropagate the (optionally Min-SNR weighted) per-sample MSE."""
@@ -257,6 +268,9 @@ class Trainer:
                             img_s=f"{record['perf/images_per_sec']:.0f}")
             self.status.update(step=self.step, loss=record["train/loss"], lr=record["train/lr"],
                                images_per_sec=record["perf/images_per_sec"])
+        if self.probe_record:
+            record.update(self.probe_record)
+            self.probe_record = {}
         if self._due(self.cfg.validation_steps) or last:
             record.update(self.validate())
         if self._due(self.cfg.eval_steps) or (last and self.quality is not None):
@@ -497,8 +511,8 @@ class Trainer:
                             if k.startswith(("eval/", "val/")) and v is not None},
                 "sample_grid": summary.get("sample_grid")}
 
-    def _due(self, every: int) -> bool:
-        return every > 0 and self.step % every == 0
+    def _due(self, every: int, step: int | None = None) -> bool:
+        return every > 0 and (self.step if step is None else step) % every == 0
 
     def is_log_step(self, step: int) -> bool:
         """Metrics are reduced and logged every logging_steps and at the last step."""
@@ -523,6 +537,18 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     )
     set_seed(cfg.seed)
     return accelerator
+
+
+def build_probe(cfg: TrainConfig, images: torch.Tensor, acc: Accelerator, model, noise_scheduler) -> GradProbe | None:
+    """The gradient probes on the held-out images (None with --grad_probe_steps 0)."""
+    if cfg.grad_probe_steps < 0:
+        raise UserError(f"--grad_probe_steps must be 0 (off) or positive, got {cfg.grad_probe_steps}")
+    if cfg.grad_probe_steps == 0 or len(images) == 0:
+        return None
+    batch = build_probe_batch(images, cfg.ddpm_num_steps, cfg.num_timestep_buckets, PROBE_SEED,
+                              acc.process_index, acc.num_processes, acc.device)
+    reduce_sum = (lambda t: t) if acc.num_processes == 1 else (lambda t: acc.reduce(t, reduction="sum"))
+    return GradProbe(acc.unwrap_model(model), noise_scheduler, batch, cfg.ddpm_num_steps, reduce_sum, acc.autocast)
 
 
 def resolve_optimizer(cfg: TrainConfig, spec) -> ResolvedOptimizer:

@@ -1,4 +1,5 @@
-"""A W&B report of one comparison group: loss by timestep bucket per optimizer, val loss, grad norm, lr, samples.
+"""A W&B report of one comparison group: loss by timestep bucket per optimizer, val loss, grad norm, lr, samples,
+and the per-timestep gradient probes (grad_t/).
 
     diffusers-optim report --entity E --project P --group G [--title T] [--dry-run FILE]
 
@@ -20,6 +21,7 @@ from typing import Any
 from diffusers_optim.config import TrainConfig
 from diffusers_optim.errors import UserError
 from diffusers_optim.metrics.buckets import bucket_keys
+from diffusers_optim.metrics.probes import ProbeKeys
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,22 @@ def bucket_panels(wr, prefix: str, keys: list[str], row: int) -> list:
         line_plot(wr, key, f"{prefix} t={key.split('/', 1)[1]}", True, x=8 * (i % 3), y=row + 6 * (i // 3))
         for i, key in enumerate(keys)
     ]
+
+
+def probe_panels(wr, keys: ProbeKeys) -> list:
+    """The gradient probes: norms per bucket, the pairwise cosines, update and momentum alignment."""
+    norms = bucket_panels(wr, "grad norm", keys.norm, 0)
+    row = 6 * -(-len(keys.norm) // 3)
+    cosines = wr.BarPlot(title="cos(g_a, g_b) per bucket pair (latest probe)", metrics=keys.cos,
+                         groupby_aggfunc="mean", groupby_rangefunc="minmax", layout=wr.Layout(x=0, y=row, w=12, h=8))
+    alignment = [
+        line_plot(wr, "grad_t/cos_mean", "mean cos between buckets' gradients", x=12, y=row, w=12),
+        line_plot(wr, "grad_t/full_update_cos", "cos(-g, update): the step vs the gradient", x=0, y=row + 8),
+        line_plot(wr, "grad_t/full_momentum_cos", "cos(g, first moment): the beta1 question", x=8, y=row + 8),
+    ]
+    updates = [line_plot(wr, key, f"cos(-g_b, update) t={key.split('/')[-1]}", x=8 * (i % 3),
+                         y=row + 14 + 6 * (i // 3)) for i, key in enumerate(keys.update_cos)]
+    return [*norms, cosines, *alignment, *updates]
 
 
 def build_report(
@@ -104,6 +122,10 @@ def build_report(
         grid(bucket_panels(wr, "val loss", val_keys, 0)),
         wr.H2("Training loss by timestep bucket"),
         grid(bucket_panels(wr, "train loss", train_keys, 0)),
+        wr.H2("Gradients by timestep bucket (grad_t/)"),
+        wr.P("Gradient probes on a fixed probe batch: each bucket's gradient norm, how much the buckets' gradients "
+             "agree (cosine), and how well the applied update and the momentum buffer align with them."),
+        grid(probe_panels(wr, ProbeKeys(num_train_timesteps, num_buckets))),
         wr.H2("Samples"),
         grid(samples),
     ]

@@ -2,6 +2,11 @@
 
 diffusers' train_unconditional.py defaults (lr 1e-4, betas (0.95, 0.999), weight decay 1e-6, eps 1e-8)
 are the reference point: Adam-like entries use them unless the optimizer's authors advise otherwise.
+
+`first_moment_state` names the momentum buffer the gradient probes compare with the gradient. It is left unset
+where no buffer lives in the weights' own basis at full precision: SOAP (its exp_avg is in the preconditioner's
+eigenbasis), Muon (two update rules, two buffers), the 8-bit bitsandbytes entries (quantized state), schedule-free
+AdamW (no first moment) and Adagrad.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ SCHEDULE_FREE_SOURCE = "schedulefree README: no decay schedule (our default is c
 BUILTIN_SPECS = [
     OptimizerSpec(
         name="sgd",
+        first_moment_state="momentum_buffer",
         factory=torch.optim.SGD,
         description="SGD with (optionally Nesterov) momentum",
         defaults={"lr": 1e-2, "momentum": 0.9, "weight_decay": 0.0, "nesterov": False},
@@ -56,6 +62,7 @@ BUILTIN_SPECS = [
     ),
     OptimizerSpec(
         name="adam",
+        first_moment_state="exp_avg",
         factory=torch.optim.Adam,
         description="Adam (L2 weight decay coupled to the gradient)",
         defaults={**DIFFUSERS_ADAMW, "weight_decay": 0.0},
@@ -66,6 +73,7 @@ BUILTIN_SPECS = [
     ),
     OptimizerSpec(
         name="adamw",
+        first_moment_state="exp_avg",
         factory=torch.optim.AdamW,
         description="AdamW, decoupled weight decay: the diffusers baseline",
         defaults=DIFFUSERS_ADAMW,
@@ -75,6 +83,7 @@ BUILTIN_SPECS = [
     ),
     OptimizerSpec(
         name="rmsprop",
+        first_moment_state="momentum_buffer",
         factory=torch.optim.RMSprop,
         description="RMSprop (Adam without the first moment, plus optional momentum)",
         defaults={"lr": 1e-4, "momentum": 0.0, "eps": 1e-8, "weight_decay": 0.0, "alpha": 0.99},
@@ -92,6 +101,7 @@ BUILTIN_SPECS = [
     ),
     OptimizerSpec(
         name="adafactor",
+        first_moment_state="exp_avg",
         factory="transformers.optimization.Adafactor",
         description="Adafactor with factored second moments and an external lr (our LR schedule applies)",
         defaults={
@@ -107,6 +117,7 @@ BUILTIN_SPECS = [
     ),
     OptimizerSpec(
         name="lion",
+        first_moment_state="exp_avg",
         factory="lion_pytorch.Lion",
         package="lion-pytorch",
         **OPTIONAL,
@@ -128,6 +139,7 @@ BUILTIN_SPECS = [
     ),
     OptimizerSpec(
         name="lion_32bit",
+        first_moment_state="state1",
         factory="bitsandbytes.optim.Lion32bit",
         package="bitsandbytes",
         **OPTIONAL,
@@ -138,6 +150,7 @@ BUILTIN_SPECS = [
     ),
     OptimizerSpec(
         name="prodigy",
+        first_moment_state="exp_avg",
         factory="prodigyopt.Prodigy",
         package="prodigyopt",
         **OPTIONAL,
@@ -158,6 +171,7 @@ BUILTIN_SPECS = [
     ),
     OptimizerSpec(
         name="dadapt_adam",
+        first_moment_state="exp_avg",
         factory="pytorch_optimizer.DAdaptAdam",
         package="pytorch-optimizer",
         **OPTIONAL,
@@ -343,6 +357,7 @@ BUILTIN_SPECS = [
     ),
     OptimizerSpec(
         name="came",
+        first_moment_state="exp_avg",
         factory="pytorch_optimizer.CAME",
         package="pytorch-optimizer",
         **OPTIONAL,
@@ -353,6 +368,7 @@ BUILTIN_SPECS = [
     ),
     OptimizerSpec(
         name="adopt",
+        first_moment_state="exp_avg",
         factory="pytorch_optimizer.ADOPT",
         package="pytorch-optimizer",
         **OPTIONAL,
@@ -363,6 +379,7 @@ BUILTIN_SPECS = [
     ),
     OptimizerSpec(
         name="ademamix",
+        first_moment_state="exp_avg",
         factory="pytorch_optimizer.AdEMAMix",
         package="pytorch-optimizer",
         **OPTIONAL,

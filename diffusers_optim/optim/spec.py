@@ -45,6 +45,9 @@ class OptimizerSpec:
     lr_is_multiplier: bool = False  # Prodigy-style: the optimizer finds the step size, lr ~1.0 scales it
     param_routing: ParamRouting | None = None  # Muon-style: which parameters go to which update rule
     effective_lr_fn: Callable[[torch.optim.Optimizer], float | None] | None = None
+    # optimizer-state key of the first-moment (momentum) buffer in the weights' own basis, e.g. "exp_avg";
+    # the gradient probes read it for grad_t/momentum_cos (None: no such buffer, or not in that basis)
+    first_moment_state: str | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.hparam_names) - set(GENERIC_HPARAMS)

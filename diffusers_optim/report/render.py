@@ -18,6 +18,7 @@ from typing import Any
 
 from diffusers_optim.metrics.keys import floor_key, se_key
 from diffusers_optim.report import figures
+from diffusers_optim.report.grad_probes import grad_probes_section
 from diffusers_optim.report.reading import BUCKET_RE, Run, bucket_keys, final_grid, is_number
 from diffusers_optim.report.recommend import recommendation
 from diffusers_optim.report.style import (
@@ -374,6 +375,7 @@ SECTIONS: list[SectionFn] = [
     val_curves_section,
     heatmap_section,
     grad_lr_section,
+    grad_probes_section,
     grids_section,
     runs_section,
     tuning_section,

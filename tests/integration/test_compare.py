@@ -19,7 +19,7 @@ TRAIN_FLAGS = [
     "--max_train_steps", "6", "--resolution", "8", "--train_batch_size", "8", "--ddpm_num_steps", "100",
     "--num_validation_images", "8", "--validation_steps", "3", "--logging_steps", "3", "--lr_warmup_steps", "1",
     "--sample_steps", "0", "--num_samples", "4", "--num_inference_steps", "2", "--num_eval_samples", "16",
-    "--report_to", "none",
+    "--report_to", "none", "--grad_probe_steps", "3",
 ]  # fmt: skip
 
 
@@ -81,9 +81,14 @@ def test_tiny_comparison_end_to_end(tmp_path: Path):
         opt = next(o for o in summary["arms"] if o["arm"] == row["arm"])
         assert opt["val/loss"] == pytest.approx(row["val/loss"])  # one seed: the mean is the run
         assert f">{sig(row['val/loss'])}<" in html  # rounded to significant digits for people
-    assert html.count("data:image/png;base64,") == 6  # four figures and both final sample grids
+    # four figures, four of the gradient probes, and both final sample grids
+    assert html.count("data:image/png;base64,") == 10
     md = (out / "report.md").read_text()
-    assert md.count("](report_files/") == 6 and "diffusers-optim compare --optimizers" in md
+    assert md.count("](report_files/") == 10 and "diffusers-optim compare --optimizers" in md
+    for text in (html, md):
+        assert "Gradients by timestep bucket" in text and "cosine between the buckets' gradients" in text
+    for name in ("grad_t_norm", "grad_t_cos_matrix", "grad_t_update_cos", "grad_t_momentum_cos"):
+        assert (out / "report_files" / f"{name}.png").stat().st_size > 1000, name
 
     # the rerun reuses both finished runs: no trainer is started, nothing in the run folders changes
     logs = {p: p.read_text() for p in (out / "logs").glob("*.log")}

@@ -50,11 +50,24 @@ def bucket_names(prefix: str) -> list[str]:
     return [f"{prefix}/000-249", f"{prefix}/250-499", f"{prefix}/500-749", f"{prefix}/750-999"]
 
 
+def probe_names(momentum: bool = True) -> set[str]:
+    """Every grad_t/ key of a 4-bucket run (momentum keys only for an optimizer with a first-moment buffer)."""
+    ranges = [k.split("/")[1] for k in bucket_names("x")]
+    pairs = [f"grad_t/cos/{a}__{b}" for i, a in enumerate(ranges) for b in ranges[i + 1:]]
+    names = {*bucket_names("grad_t/norm"), *bucket_names("grad_t/update_cos"), *pairs, "grad_t/cos_mean",
+             "grad_t/full_norm", "grad_t/full_update_cos"}
+    return names | ({*bucket_names("grad_t/momentum_cos"), "grad_t/full_momentum_cos"} if momentum else set())
+
+
+def probe_values(records: list[dict]) -> dict[tuple[int, str], float]:
+    return {(r["step"], k): v for r in records for k, v in r.items() if k.startswith("grad_t/")}
+
+
 @pytest.mark.slow
 def test_wandb_offline_run_has_every_metric_and_pipeline_loads(tmp_path):
     out = tmp_path / "run"
     run_script(["--max_train_steps", "12", "--logging_steps", "4", "--validation_steps", "6", "--sample_steps", "6",
-                "--output_dir", str(out), "--report_to", "wandb", "--run_group", "itest"])
+                "--output_dir", str(out), "--report_to", "wandb", "--run_group", "itest", "--grad_probe_steps", "6"])
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     records = leet_records(runs[0])
@@ -62,8 +75,10 @@ def test_wandb_offline_run_has_every_metric_and_pipeline_loads(tmp_path):
     logged = set().union(*history)
     expected = {*bucket_names("loss_t"), *bucket_names("val_t"), "train/loss", "val/loss", "train/grad_norm",
                 "train/lr", "train/param_norm", "train/update_ratio", "perf/images_per_sec", "optim/state_mb",
-                "eval/fd", "eval/confident_frac"}
+                "eval/fd", "eval/confident_frac", *probe_names()}
     assert expected <= logged, expected - logged
+    probed = [h for h in history if "grad_t/full_norm" in h]
+    assert [h["train/step"] for h in probed] == [6, 12]  # AdamW's exp_avg exists by step 6: momentum keys too
     images = [h for h in history if h.get("samples/grid._type") == "image-file"]
     assert len(images) == 2  # steps 6 and 12
     run_record = next(r["run"] for r in records if r.get("type") == "run")
@@ -77,6 +92,9 @@ def test_wandb_offline_run_has_every_metric_and_pipeline_loads(tmp_path):
     for line in lines:
         if "train/loss" in line:
             assert by_step[line["step"]]["train/loss"] == pytest.approx(line["train/loss"])
+    for step, h in ((h["train/step"], h) for h in probed):
+        line = next(x for x in lines if x["step"] == step)
+        assert {k: h[k] for k in probe_names()} == pytest.approx({k: line[k] for k in probe_names()})
     assert [line["step"] for line in lines] == [4, 6, 8, 12]
     counts = sum(lines[0][k] for k in bucket_names("count_t"))
     assert counts == 4 * 8  # 4 steps x batch 8, every sample in exactly one bucket
@@ -118,7 +136,7 @@ def test_resume_continues_as_if_never_stopped(tmp_path):
 def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
     """Real DDP over gloo: one W&B run, global bucket counts, same loss curve as one process at batch 2B."""
     common = ["--max_train_steps", "6", "--logging_steps", "2", "--validation_steps", "6", "--sample_steps", "6",
-              "--report_to", "wandb", "--eval_steps", "0", "--max_grad_norm", "1.0"]
+              "--report_to", "wandb", "--eval_steps", "0", "--max_grad_norm", "1.0", "--grad_probe_steps", "2"]
     one, two = tmp_path / "one", tmp_path / "two"
     run_script([*common, "--output_dir", str(one), "--train_batch_size", "8"])
     launcher = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -136,18 +154,33 @@ def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
         # Same images, noise and timesteps; only the float summation order differs (DDP all-reduce).
         assert rb["train/loss"] == pytest.approx(ra["train/loss"], rel=1e-4)
     assert b[-1]["val/loss"] == pytest.approx(a[-1]["val/loss"], rel=1e-3)
+    # the gradient probes: the same global probe batch, gradients summed across the processes
+    probes_a, probes_b = probe_values(a), probe_values(b)
+    assert {k for _, k in probes_a} == probe_names() and probes_a.keys() == probes_b.keys()
+    assert probes_b == pytest.approx(probes_a, rel=1e-4, abs=1e-6)
 
 
 @pytest.mark.slow
-def test_bf16_on_cpu_finishes_with_finite_losses(tmp_path):
-    out = tmp_path / "bf16"
-    run_script(["--max_train_steps", "6", "--logging_steps", "2", "--validation_steps", "6", "--sample_steps", "6",
-                "--mixed_precision", "bf16", "--eval_steps", "0", "--output_dir", str(out)])
+def test_bf16_on_cpu_finishes_with_finite_losses_and_probes_match_two_processes(tmp_path):
+    """bf16 autocast with gradient accumulation: finite losses, and the probes of 2 processes match 1 process."""
+    common = ["--max_train_steps", "4", "--logging_steps", "2", "--validation_steps", "4", "--sample_steps", "4",
+              "--mixed_precision", "bf16", "--eval_steps", "0", "--gradient_accumulation_steps", "2",
+              "--grad_probe_steps", "2"]
+    out, two = tmp_path / "bf16", tmp_path / "bf16_two"
+    run_script([*common, "--output_dir", str(out), "--train_batch_size", "4"])
     lines = read_jsonl(out / "metrics.jsonl")
     config = json.loads((out / "config.json").read_text())
     assert config["mixed_precision"] == "bf16"
-    values = [v for r in lines for k, v in r.items() if k.startswith(("train/loss", "loss_t/", "val"))]
+    values = [v for r in lines for k, v in r.items() if k.startswith(("train/loss", "loss_t/", "val", "grad_t/"))]
     assert values and all(v is not None and torch.isfinite(torch.tensor(v)) for v in values)
+    launcher = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "bf16", "--dynamo_backend", "no", "--main_process_port", "29518"]
+    run_script([*common, "--output_dir", str(two), "--train_batch_size", "2"], launcher=launcher,
+               ACCELERATE_USE_CPU="true")
+    probes_one, probes_two = probe_values(lines), probe_values(read_jsonl(two / "metrics.jsonl"))
+    assert {k for _, k in probes_one} == probe_names() and probes_one.keys() == probes_two.keys()
+    # per-sample bf16 forward passes are the same in both; the gradient sums differ in order only
+    assert probes_two == pytest.approx(probes_one, rel=1e-3, abs=1e-5)
 
 
 @pytest.mark.slow
@@ -157,7 +190,7 @@ def test_tensorboard_gets_the_same_scalars_and_the_grid(tmp_path):
 
     out = tmp_path / "tb"
     run_script(["--max_train_steps", "4", "--logging_steps", "2", "--validation_steps", "2", "--sample_steps", "4",
-                "--eval_steps", "0", "--report_to", "tensorboard", "--output_dir", str(out)])
+                "--eval_steps", "0", "--report_to", "tensorboard", "--output_dir", str(out), "--grad_probe_steps", "4"])
     events = sorted((out / "logs").rglob("events.out.tfevents.*"))
     tags: dict[str, list] = {"scalars": [], "images": []}
     for path in events:
@@ -165,5 +198,6 @@ def test_tensorboard_gets_the_same_scalars_and_the_grid(tmp_path):
         acc.Reload()
         for kind in tags:
             tags[kind] += acc.Tags()[kind]
-    assert {*bucket_names("loss_t"), *bucket_names("val_t"), "train/grad_norm", "train/lr"} <= set(tags["scalars"])
+    expected = {*bucket_names("loss_t"), *bucket_names("val_t"), "train/grad_norm", "train/lr", *probe_names()}
+    assert expected <= set(tags["scalars"]), expected - set(tags["scalars"])
     assert "samples/grid" in tags["images"]

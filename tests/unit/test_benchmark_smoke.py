@@ -73,3 +73,20 @@ def test_output_dir_holding_a_run_is_a_user_error(bench, tmp_path):
     (tmp_path / "tiny" / "metrics.jsonl").write_text("")
     with pytest.raises(UserError, match="already holds a run"):
         bench.main([*TINY, "--output_dir", str(tmp_path)])
+
+
+def test_grad_probe_benchmark_reports_the_ratio_and_each_kind_of_steps_peak(tmp_path, capsys):
+    path = SCRIPT.parent / "bench_grad_probes.py"
+    spec = importlib.util.spec_from_file_location("bench_grad_probes", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--presets", "tiny", "--resolution", "8", "--batch_size", "4", "--grad_probe_steps", "4",
+            "--logging_steps", "2", "--repeats", "1", "--block_steps", "1", "--threads", "1",
+            "--num_validation_images", "8", "--memory", "--memory_steps", "4", "--json"]
+    assert module.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    (throughput,) = report["throughput"]
+    assert throughput["preset"] == "tiny" and throughput["ratio"] > 0 and len(throughput["repeats"]) == 1
+    (memory,) = report["memory"]
+    assert memory["other_peak_mb"] > 0 and memory["log_vs_other"] > 0 and memory["probe_vs_other"] > 0
+    assert "ratio" in module.format_table(report)
