@@ -179,8 +179,12 @@ def test_bf16_on_cpu_finishes_with_finite_losses_and_probes_match_two_processes(
                ACCELERATE_USE_CPU="true")
     probes_one, probes_two = probe_values(lines), probe_values(read_jsonl(two / "metrics.jsonl"))
     assert {k for _, k in probes_one} == probe_names() and probes_one.keys() == probes_two.keys()
-    # per-sample bf16 forward passes are the same in both; the gradient sums differ in order only
-    assert probes_two == pytest.approx(probes_one, rel=1e-3, abs=1e-5)
+    # Step 2 probes the initial weights (the warmup's lr is 0 at step 1): the same bf16 forward passes, sums
+    # in another order. By step 4, bf16 training steps on differently split batches have moved the weights
+    # apart by bf16 rounding (8 bits of mantissa): the probes agree to that resolution.
+    at = {step: {k: v for (s, k), v in probes_one.items() if s == step} for step in (2, 4)}
+    assert {k: probes_two[(2, k)] for k in at[2]} == pytest.approx(at[2], rel=1e-4, abs=1e-6)
+    assert {k: probes_two[(4, k)] for k in at[4]} == pytest.approx(at[4], rel=1e-2, abs=1e-4)
 
 
 @pytest.mark.slow
