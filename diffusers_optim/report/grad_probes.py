@@ -52,11 +52,13 @@ def cosine_matrices(runs: list[Run]) -> tuple[list[str], dict[str, list[list[flo
     return order, matrices
 
 
-def plot_cosine_matrices(runs: list[Run], path: Path) -> Path | None:
-    """One heatmap per optimizer: cos(g_a, g_b) between timestep buckets, values annotated."""
+def plot_cosine_matrices(runs: list[Run], path: Path, arm_order: list[str] | None = None) -> Path | None:
+    """One heatmap per arm (in `arm_order`, the report's rank order): cos(g_a, g_b) between buckets, annotated."""
     order, matrices = cosine_matrices(runs)
     if not matrices:
         return None
+    rank = {name: i for i, name in enumerate(arm_order or [])}
+    matrices = dict(sorted(matrices.items(), key=lambda item: rank.get(item[0], len(rank))))
     n = len(matrices)
     fig = figures.new_figure(0.9 * len(order) * n + 2.0, 0.8 * len(order) + 1.6)
     axes = fig.subplots(1, n, squeeze=False)[0]
@@ -85,17 +87,18 @@ def grad_probes_section(ctx):
     if not norms:
         return None  # the runs had --grad_probe_steps 0
     d = ctx.figure_dir
-    blocks = [Text(TEXT), Image(figures.plot_curves(ctx.runs, [*norms, "grad_t/full_norm"],
-                                                    d / "grad_t_norm.png", "gradient norm"),
-                                "gradient norm per timestep bucket")]
-    matrix = plot_cosine_matrices(ctx.runs, d / "grad_t_cos_matrix.png")
+    path = figures.plot_curves(ctx.runs, [*norms, "grad_t/full_norm"], d / "grad_t_norm.png", "gradient norm",
+                               styles=ctx.styles)
+    blocks = [Text(TEXT), Image(path, "gradient norm per timestep bucket")]
+    matrix = plot_cosine_matrices(ctx.runs, d / "grad_t_cos_matrix.png", list(ctx.styles))
     if matrix is not None:
-        blocks.append(Image(matrix, "cosine between the buckets' gradients"))
+        blocks.append(Image(matrix, "cosine between bucket gradients"))
     updates = probe_keys(records, "update_cos") + ["grad_t/full_update_cos"]
-    blocks.append(Image(figures.plot_curves(ctx.runs, updates, d / "grad_t_update_cos.png", "cos(-g_b, update)",
-                                            log_y=False), "update alignment per bucket"))
-    history = [k for k in ("grad_t/full_momentum_cos", "grad_t/cos_mean")
-               if any(k in r for r in records)]
-    blocks.append(Image(figures.plot_curves(ctx.runs, history, d / "grad_t_momentum_cos.png", "cosine",
-                                            log_y=False), "momentum alignment and mean bucket cosine"))
+    path = figures.plot_curves(ctx.runs, updates, d / "grad_t_update_cos.png", "cos(-g_b, update)", log_y=False,
+                               styles=ctx.styles)
+    blocks.append(Image(path, "update alignment per bucket"))
+    history = [k for k in ("grad_t/full_momentum_cos", "grad_t/cos_mean") if any(k in r for r in records)]
+    path = figures.plot_curves(ctx.runs, history, d / "grad_t_momentum_cos.png", "cosine", log_y=False,
+                               styles=ctx.styles)
+    blocks.append(Image(path, "momentum alignment and mean bucket cosine"))
     return Section("Gradients by timestep bucket", blocks)

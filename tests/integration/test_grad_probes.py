@@ -17,9 +17,9 @@ def _offline(offline_env):
     pass
 
 
-def train(tiny_config, name: str, *flags: str) -> tuple[Trainer, list[dict]]:
+def train(tiny_config, name: str, optimizer: str, *flags: str) -> tuple[Trainer, list[dict]]:
     cfg = tiny_config("--max_train_steps", "4", "--logging_steps", "2", "--use_ema", "--gradient_accumulation_steps",
-                      "2", "--train_batch_size", "4", "--optimizer", "sgd", *flags)
+                      "2", "--train_batch_size", "4", "--optimizer", optimizer, *flags)
     cfg.output_dir = str(Path(cfg.output_dir).parent / name)
     trainer = Trainer(cfg)
     trainer.train()
@@ -32,11 +32,17 @@ def optimizer_tensors(trainer: Trainer) -> list[torch.Tensor]:
     return [v for s in state.values() for v in s.values() if torch.is_tensor(v)]
 
 
-def test_probes_on_every_step_leave_training_bit_identical(tiny_config):
-    # SGD with momentum: the probes read its momentum buffer; EMA and gradient accumulation are on.
-    off, lines_off = train(tiny_config, "off", "--grad_probe_steps", "0")
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw_schedulefree"])
+def test_probes_on_every_step_leave_training_bit_identical(tiny_config, optimizer):
+    # SGD with momentum: the probes read its momentum buffer. Schedule-free: its train/eval weight modes must be
+    # left alone (it has no first-moment buffer). EMA and gradient accumulation are on.
+    from diffusers_optim.optim import get_spec
+
+    if not get_spec(optimizer).is_available():
+        pytest.skip(f"{optimizer} is not installed")
+    off, lines_off = train(tiny_config, "off", optimizer, "--grad_probe_steps", "0")
     rng_off = torch.get_rng_state()
-    on, lines_on = train(tiny_config, "on", "--grad_probe_steps", "1")
+    on, lines_on = train(tiny_config, "on", optimizer, "--grad_probe_steps", "1")
     rng_on = torch.get_rng_state()
 
     for a, b in zip(off.model.parameters(), on.model.parameters(), strict=True):
@@ -60,9 +66,11 @@ def test_probes_on_every_step_leave_training_bit_identical(tiny_config):
     for r in lines_on:
         assert expected <= set(r), expected - set(r)
         assert all(-1 <= r[k] <= 1 for k in [*keys.cos, *keys.update_cos])
-    # SGD's momentum buffer exists from the second step on: cos(g, m) is logged from then
-    assert "grad_t/full_momentum_cos" not in lines_on[0]
-    assert all(set(keys.momentum_cos) <= set(r) for r in lines_on[1:])
+    if optimizer == "sgd":  # its momentum buffer exists from the second step on: cos(g, m) is logged from then
+        assert "grad_t/full_momentum_cos" not in lines_on[0]
+        assert all(set(keys.momentum_cos) <= set(r) for r in lines_on[1:])
+    else:
+        assert not any("momentum" in k for r in lines_on for k in r)
     assert all(not any(k.startswith("grad_t/") for k in r) for r in lines_off)
 
 
