@@ -31,16 +31,16 @@ def probe_keys(records: list[dict], prefix: str) -> list[str]:
 
 
 def cosine_matrices(runs: list[Run]) -> tuple[list[str], dict[str, list[list[float]]]]:
-    """Bucket ranges and, per optimizer, the matrix of cos(g_a, g_b) averaged over every probe and seed."""
+    """Bucket ranges and, per arm, the matrix of cos(g_a, g_b) averaged over every probe and seed."""
     ranges: set[str] = set()
     values: dict[str, dict[tuple[str, str], list[float]]] = {}
-    for run in runs:
-        for rec in run.records:
+    for arm, group in figures.group_runs(runs).items():
+        for rec in (rec for run in group for rec in run.records):
             for key, value in rec.items():
                 match = PAIR_RE.match(key)
                 if match and is_number(value) and math.isfinite(value):
                     ranges.update(match.groups())
-                    values.setdefault(run.optimizer, {}).setdefault(match.groups(), []).append(value)
+                    values.setdefault(arm, {}).setdefault(match.groups(), []).append(value)
     order = sorted(ranges, key=lambda r: int(r.split("-")[0]))
     matrices = {}
     for name, pairs in values.items():

@@ -19,8 +19,9 @@ TRAIN_FLAGS = [
     "--max_train_steps", "6", "--resolution", "8", "--train_batch_size", "8", "--ddpm_num_steps", "100",
     "--num_validation_images", "8", "--validation_steps", "3", "--logging_steps", "3", "--lr_warmup_steps", "1",
     "--sample_steps", "0", "--num_samples", "4", "--num_inference_steps", "2", "--num_eval_samples", "16",
-    "--report_to", "none", "--grad_probe_steps", "3",
+    "--report_to", "none",
 ]  # fmt: skip
+PROBES = ["--grad_probe_steps", "3"]  # the gradient-probe section of the report (end-to-end test only)
 
 
 OPTIMIZERS = ["--optimizers", "adamw:lr=1e-3", "sgd:lr=0.05,momentum=0.9", "--seeds", "0"]
@@ -65,7 +66,7 @@ def last(path: Path, key: str) -> float:
 
 def test_tiny_comparison_end_to_end(tmp_path: Path):
     out = tmp_path / "cmp"
-    result = compare(out, "--num_parallel", "2", "--progress_every", "0.2")
+    result = compare(out, "--num_parallel", "2", "--progress_every", "0.2", *PROBES)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     for name in ["plan.json", "summary.json", "summary.csv", "report.html", "report.md"]:
         assert (out / name).is_file(), name
@@ -93,7 +94,7 @@ def test_tiny_comparison_end_to_end(tmp_path: Path):
     # the rerun reuses both finished runs: no trainer is started, nothing in the run folders changes
     logs = {p: p.read_text() for p in (out / "logs").glob("*.log")}
     stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/run_summary.json")}
-    again = compare(out)
+    again = compare(out, *PROBES)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("reusing complete run") == 2
     assert {p: p.read_text() for p in logs} == logs and len(stamps) == 2
