@@ -1,8 +1,10 @@
 """Crash-safe, resumable checkpoints on top of `accelerator.save_state` / `load_state`.
 
 A checkpoint is written under a hidden temporary name and renamed into place only when complete, so a run
-killed mid-save never leaves a folder that looks resumable. `trainer_state.json` is written last and marks
-a checkpoint as complete.
+killed mid-save never leaves a folder that looks resumable. `manifest.json` (every file with its size) is written
+last and marks a checkpoint as complete; resume checks it, so a checkpoint damaged later (a truncated copy, a full
+disk) is skipped for the newest intact one. Sizes, not checksums: they catch truncation and missing files at no
+cost, where hashing would read every byte of a multi-GB checkpoint twice per save and resume.
 
 Checkpoints assume a filesystem shared by all processes (as Accelerate's own save_state does).
 Loading (accelerate 1.15): model weights come from safetensors; optimizer, LR scheduler and RNG files are
@@ -28,6 +30,7 @@ logger = get_logger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-checkpoint-"
 OLD_PREFIX = ".old-checkpoint-"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -55,17 +58,54 @@ def checkpoint_name(step: int) -> str:
 
 
 def is_complete(path: Path) -> bool:
-    """A checkpoint is complete when it has its final name and its trainer_state.json."""
-    return CHECKPOINT_RE.match(path.name) is not None and (path / STATE_FILE).is_file()
+    """A checkpoint is complete when it has its final name and its manifest (written last)."""
+    return CHECKPOINT_RE.match(path.name) is not None and (path / MANIFEST).is_file()
+
+
+def build_manifest(path: Path) -> dict[str, int]:
+    """Every file under a checkpoint folder (but the manifest) with its size in bytes."""
+    return {f.relative_to(path).as_posix(): f.stat().st_size for f in sorted(path.rglob("*"))
+            if f.is_file() and f.name != MANIFEST}
+
+
+def damage(path: Path) -> str | None:
+    """Why a checkpoint cannot be trusted (missing manifest, missing or resized file), or None if it is intact."""
+    try:
+        expected = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no readable {MANIFEST} (its save never finished)"
+    for name, size in expected.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {size} (truncated or overwritten)"
+    return None
+
+
+def latest_usable(output_dir: Path, warn: bool = True) -> Path | None:
+    """The newest intact checkpoint; damaged newer ones are skipped with a warning."""
+    for path in reversed(all_checkpoints(output_dir)):
+        problem = damage(path)
+        if problem is None:
+            return path
+        if warn:
+            logger.warning(f"skipping damaged checkpoint {path}: {problem}", main_process_only=True)
+    return None
+
+
+def all_checkpoints(output_dir: Path) -> list[Path]:
+    """Every folder with a checkpoint's final name, intact or not, oldest first."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints under output_dir/checkpoints, oldest first (by step)."""
-    root = Path(output_dir) / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and is_complete(p)]
-    return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
+    return [p for p in all_checkpoints(output_dir) if is_complete(p)]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -127,6 +167,7 @@ def _prune(root: Path, total_limit: int) -> None:
 def _commit(tmp: Path, final: Path, state_text: str) -> None:
     """Main process: mark the temporary checkpoint complete and move it into place atomically."""
     _write_json(tmp / STATE_FILE, state_text)
+    _write_json(tmp / MANIFEST, json.dumps({"files": build_manifest(tmp)}, indent=2))  # last: marks it complete
     _fsync_tree(tmp)
     old = None
     if final.exists():  # saving the same step twice (e.g. after a resume): replace, never merge
@@ -148,8 +189,6 @@ def save_checkpoint(
     model_config: dict[str, Any] | None = None,
 ) -> Path:
     """Save a resumable checkpoint of everything prepared by `accelerator`; all processes must call this."""
-    if total_limit is not None and total_limit < 1:
-        raise UserError(f"--checkpoints_total_limit must be at least 1 (got {total_limit})")
     model_config = model_config if model_config is not None else _model_config(accelerator)
     # Serialize first: a bad value fails here, before anything is written.
     state_text = json.dumps(
@@ -180,8 +219,12 @@ def checkpoint_of_step(output_dir: Path, step: int) -> Path | None:
 def find_checkpoint(output_dir: Path, spec: str) -> Path | None:
     """The checkpoint to resume from: 'latest' (None if there is none yet) or a folder path."""
     if spec == "latest":
-        complete = list_checkpoints(Path(output_dir))
-        return complete[-1] if complete else None
+        found = all_checkpoints(Path(output_dir))
+        usable = latest_usable(Path(output_dir))
+        if found and usable is None:  # never a silent restart from scratch over a run's damaged checkpoints
+            raise UserError(f"no usable checkpoint in {Path(output_dir) / CHECKPOINTS_DIR}: every one is damaged "
+                            f"({found[-1].name}: {damage(found[-1])}); pass --overwrite_output_dir to start over")
+        return usable
     path = Path(spec).expanduser()
     if not path.exists() and (Path(output_dir) / CHECKPOINTS_DIR / spec).exists():
         path = Path(output_dir) / CHECKPOINTS_DIR / spec  # diffusers-style: just the folder name
@@ -192,11 +235,10 @@ def find_checkpoint(output_dir: Path, spec: str) -> Path | None:
         raise UserError(
             f"--resume_from_checkpoint {spec}: no such folder (checkpoints in {output_dir}: {available})"
         )
-    if not is_complete(path):
-        raise UserError(
-            f"--resume_from_checkpoint {spec}: not a complete checkpoint (no {STATE_FILE} or a temporary name: "
-            "its save was interrupted); use 'latest' or another checkpoint"
-        )
+    problem = damage(path) if CHECKPOINT_RE.match(path.name) else "a temporary name (its save was interrupted)"
+    if problem is not None:
+        raise UserError(f"--resume_from_checkpoint {spec}: not a complete checkpoint ({problem}); "
+                        "use 'latest' or another checkpoint")
     return path
 
 
@@ -235,6 +277,10 @@ def load_checkpoint(accelerator: Accelerator, path: Path, model_config: dict[str
         diffs = shape_differences(saved_config, dict(model_config))
         if diffs:
             raise UserError(f"checkpoint {path} was saved from a different model shape ({'; '.join(diffs)})")
-    accelerator.load_state(str(path))
+    try:
+        accelerator.load_state(str(path))
+    except (OSError, RuntimeError, ValueError, KeyError) as err:  # intact files that still do not fit this run
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load checkpoint {path}: {first}") from None
     logger.info(f"resumed from {path} at step {state.get('step')}", main_process_only=True)
     return state

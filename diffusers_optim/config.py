@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import types
 import typing
@@ -22,6 +23,19 @@ from diffusers_optim.errors import UserError, closest_match
 
 REPORT_TO = ("wandb", "tensorboard", "all", "none")
 SECRET_FIELDS = ("hub_token",)
+# Flags that do not change the maths of a run (logging, cadence of samples/checkpoints, outputs, hub, session
+# length): they may differ on resume. Every other flag defines the experiment, so a flag added later is compared
+# by default; the optimizer flags are compared as the resolved optimizer and hyperparameters instead.
+FREE_FIELDS = (
+    "dataloader_num_workers", "cache_dir", "skip_bad_images", "max_nonfinite_steps", "stop_after_steps",
+    "output_dir", "overwrite_output_dir", "report_to", "logger", "tracker_project_name", "wandb_entity", "run_group",
+    "run_name", "num_timestep_buckets", "logging_steps", "validation_steps", "sample_steps", "eval_steps",
+    "num_samples", "num_eval_samples", "num_inference_steps", "inception_weights", "checkpointing_steps",
+    "checkpoints_total_limit", "resume_from_checkpoint", "push_to_hub", "hub_model_id", "hub_private_repo",
+    "allow_config_change", *SECRET_FIELDS,
+)
+OPTIMIZER_FIELDS = ("optimizer", "optimizer_args", "learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay",
+                    "adam_epsilon", "momentum")
 
 # Flags users bring from diffusers' train_unconditional.py (or other trainers) that we name or count differently.
 # Spelling alone gets these wrong (--save_images_epochs looks like --num_epochs), so the hint says what they mean.
@@ -137,6 +151,9 @@ class TrainConfig:
     hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: HF_TOKEN or the saved login). Never logged."})
     hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
 
+    # ---- resume ----------------------------------------------------------------------------------
+    allow_config_change: bool = field(default=False, metadata={"help": "On resume, accept experiment-defining flags that differ from the checkpoint's (optimizer, lr, batch...); the change is applied and recorded in config.json."})
+
     def __post_init__(self) -> None:
         if self.logger is not None and self.report_to == "none":
             self.report_to = self.logger
@@ -154,6 +171,61 @@ class TrainConfig:
 def flag_aliases(cls: type = TrainConfig) -> dict[str, str]:
     """diffusers' names of our flags (e.g. eval_batch_size -> num_samples), from each field's `aliases`."""
     return {alias.lstrip("-"): f.name for f in dataclasses.fields(cls) for alias in f.metadata.get("aliases", ())}
+
+
+# (lowest allowed value, whether the lowest value itself is allowed) of every numeric flag; None is always allowed
+# where the field's default is None ("unset"). Checked at parse time, so bad numbers never reach the trainer.
+RANGES: dict[str, tuple[float, bool]] = {
+    "resolution": (1, True), "max_train_samples": (1, True), "num_validation_images": (0, True),
+    "dataloader_num_workers": (0, True), "ddpm_num_steps": (1, True), "snr_gamma": (0, False),
+    "learning_rate": (0, False), "adam_beta1": (0, True), "adam_beta2": (0, True), "adam_weight_decay": (0, True),
+    "adam_epsilon": (0, False), "momentum": (0, True), "max_grad_norm": (0, True), "lr_warmup_steps": (0, True),
+    "lr_num_cycles": (0, False), "train_batch_size": (1, True), "gradient_accumulation_steps": (1, True),
+    "max_train_steps": (1, True), "stop_after_steps": (1, True), "num_epochs": (1, True), "seed": (0, True),
+    "init_seed": (0, True), "ema_inv_gamma": (0, False), "ema_power": (0, False), "ema_max_decay": (0, False),
+    "max_nonfinite_steps": (1, True), "num_timestep_buckets": (1, True), "logging_steps": (0, True),
+    "validation_steps": (0, True), "sample_steps": (0, True), "eval_steps": (0, True), "num_samples": (1, True),
+    "num_eval_samples": (1, True), "num_inference_steps": (1, True), "checkpointing_steps": (0, True),
+    "checkpoints_total_limit": (1, True),
+}
+UPPER_BOUNDS = {"adam_beta1": 1.0, "adam_beta2": 1.0, "ema_max_decay": 1.0}  # inclusive only for ema_max_decay
+
+
+def check_ranges(cfg: TrainConfig) -> None:
+    """Every numeric flag finite and in range, as one `--flag must be ...` UserError (before anything is touched)."""
+    for name, tp in field_types(type(cfg)).items():
+        value = getattr(cfg, name)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value):
+            raise UserError(f"--{name} must be a finite number (got {value})")
+        if name in RANGES:
+            low, inclusive = RANGES[name]
+            if value < low or (value == low and not inclusive):
+                bound = f"at least {low:g}" if inclusive else f"> {low:g}"
+                unset = " or left unset" if _is_optional(tp) else ""
+                raise UserError(f"--{name} must be {bound}{unset} (got {value:g})")
+        high = UPPER_BOUNDS.get(name)
+        if high is not None and (value > high or (value == high and name != "ema_max_decay")):
+            raise UserError(f"--{name} must be below {high:g} (got {value:g})")
+    if cfg.num_timestep_buckets > cfg.ddpm_num_steps:
+        raise UserError(f"--num_timestep_buckets ({cfg.num_timestep_buckets}) cannot exceed --ddpm_num_steps "
+                        f"({cfg.ddpm_num_steps})")
+
+
+def _is_optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def experiment_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{flag: (saved, now)} for the experiment-defining flags (all but FREE_FIELDS and OPTIMIZER_FIELDS) that differ."""
+    ignored = set(FREE_FIELDS) | set(OPTIMIZER_FIELDS)
+    diffs = {}
+    for key in sorted((set(saved) & set(current)) - ignored):  # a flag newer than the checkpoint is not compared
+        old, new = json.loads(json.dumps(saved.get(key))), json.loads(json.dumps(current.get(key)))
+        if old != new:
+            diffs[key] = (old, new)
+    return diffs
 
 
 def field_types(cls: type = TrainConfig) -> dict[str, Any]:
@@ -254,6 +326,7 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
     cfg, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         raise unknown_flag(next((a for a in unknown if a.startswith("-")), unknown[0]).split("=")[0])
+    check_ranges(cfg)
     return cfg
 
 

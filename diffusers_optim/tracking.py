@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import netrc
 import os
@@ -15,6 +14,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from PIL import Image
 
+from diffusers_optim import rundir
 from diffusers_optim.errors import UserError
 
 logger = get_logger(__name__)
@@ -60,11 +60,11 @@ def ensure_wandb_mode() -> str:
 
 def wandb_run_id(output_dir: Path) -> str:
     """A run id stored in the output folder, so a resumed run continues the same W&B run."""
-    path = output_dir / "wandb_run_id.txt"
-    if path.is_file():
+    path = output_dir / rundir.WANDB_ID
+    if path.is_file() and path.read_text().strip():
         return path.read_text().strip()
     run_id = uuid.uuid4().hex[:12]
-    path.write_text(run_id)
+    rundir.write_text(path, run_id)
     return run_id
 
 
@@ -108,24 +108,19 @@ class MetricsLog:
 
     def __init__(self, accelerator: Accelerator, output_dir: Path, trackers: list[str]):
         self.accelerator = accelerator
-        self.path = output_dir / "metrics.jsonl"
+        self.path = output_dir / rundir.METRICS
         self.trackers = trackers
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop records logged after the checkpoint, so the file reads as one uninterrupted run."""
-        if not self.accelerator.is_main_process or not self.path.is_file():
-            return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        if self.accelerator.is_main_process:
+            rundir.truncate_metrics(self.path, step)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Record metrics (plain Python numbers) for one optimizer step."""
         if not self.accelerator.is_main_process:
             return
-        record = {"step": step, **{k: _json_number(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        rundir.append_record(self.path, {"step": step, **{k: _json_number(v) for k, v in metrics.items()}})
         for tracker in self.accelerator.trackers:
             if tracker.name == "wandb":
                 # No explicit wandb step: train/step is the x-axis (define_metric), so a resumed run never

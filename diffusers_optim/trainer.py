@@ -8,6 +8,7 @@ resumed run continues bit-for-bit, and N processes at batch B see what one proce
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -24,7 +25,8 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from diffusers_optim import checkpoint as ckpt
-from diffusers_optim.config import SECRET_FIELDS, TrainConfig, parse_train_args
+from diffusers_optim import rundir
+from diffusers_optim.config import SECRET_FIELDS, TrainConfig, experiment_differences, parse_train_args
 from diffusers_optim.data import build_datasets
 from diffusers_optim.diffusion import (
     min_snr_weights,
@@ -57,7 +59,6 @@ logger = get_logger(__name__)
 VALIDATION_SEED = 1234  # frozen validation noise/timesteps: the same for every run, so curves differ only by optimizer
 SAMPLE_SEED = 4321  # fixed sampling noise for the grid and the quality metrics
 PROBE_SEED = 2468  # frozen noise/timesteps of the gradient probes' batch: the same for every optimizer and probe
-RUN_ARTIFACTS = ("metrics.jsonl", "run_summary.json", "checkpoints", "model_index.json")
 
 
 class TrainingStopped(RuntimeError):
@@ -87,6 +88,7 @@ class Trainer:
                            "xformers is not used", main_process_only=True)
         # decided on the main process, the others wait for its verdict (checks run by every process raced)
         self.resume_path = decided_on_main(self.accelerator, lambda: check_output_dir(cfg, self.out))
+        self.config_changes = self.check_same_experiment()  # before the data scan: a refusal takes a second
         # before the data scan, which can take minutes on a large folder
         self.repo_id = decided_on_main(self.accelerator, lambda: check_hub(cfg))
         self.data = build_datasets(cfg, self.channels)
@@ -136,6 +138,16 @@ class Trainer:
 
         A signal during start-up or training stops after the step in progress; during the final save it is
         noted and the run completes (a second signal exits at once either way)."""
+        # The main process holds the run folder's lock while it writes there: a second trainer is refused (on
+        # every process: they share the main one's verdict).
+        lock = rundir.RunLock(self.out)
+        decided_on_main(self.accelerator, lambda: bool(lock.acquire()))
+        try:
+            return self._train()
+        finally:
+            lock.release()
+
+    def _train(self) -> dict[str, Any]:
         with self.stop_request.listening():
             self.start()
             self.status.start_training(self.step)
@@ -417,7 +429,10 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         state = {"step": self.step, "nonfinite_total": self.nonfinite_total, "run_name": self.run_name,
-                 "elapsed_s": self.elapsed_before + time.perf_counter() - getattr(self, "t_start", time.perf_counter())}
+                 "elapsed_s": self.elapsed_before + time.perf_counter() - getattr(self, "t_start", time.perf_counter()),
+                 # the experiment this checkpoint belongs to, so a resume can refuse a different one
+                 "config": self.cfg.to_dict(), "optimizer": optimizer_record(self.spec, self.hparams),
+                 "config_changes": self.config_changes}
         # Saved in train mode: a schedule-free optimizer's eval()/train() swap is exact in maths but not in floats,
         # so a checkpoint of the evaluation weights would not resume bit-for-bit. Samples and the final pipeline
         # use the evaluation weights (sampling_weights).
@@ -426,29 +441,77 @@ class Trainer:
             ckpt.save_checkpoint(self.accelerator, self.out, self.step, state, self.cfg.checkpoints_total_limit,
                                  model_config=dict(self.accelerator.unwrap_model(self.model).config))
         self.saved_step = self.step
+        if self.accelerator.is_main_process:
+            rundir.drop_overwritten(self.out)  # the new run now has something to resume from
+
+    def check_same_experiment(self) -> list[dict[str, Any]]:
+        """Resume refuses a different experiment (each changed flag named) unless --allow_config_change records it."""
+        if self.resume_path is None:
+            return []
+        state = ckpt.read_trainer_state(self.resume_path)
+        history = list(state.get("config_changes", []))
+        changes = experiment_changes(state, self.cfg, self.spec, self.hparams)
+        if not changes:
+            return history
+        listed = "; ".join(f"{key}: {old} -> {new}" for key, (old, new) in changes.items())
+        if not self.cfg.allow_config_change:
+            raise UserError(f"{self.resume_path} belongs to a different experiment (changed: {listed}); resume with "
+                            "its flags, use a new --output_dir, or pass --allow_config_change to apply and record this")
+        logger.warning(f"--allow_config_change: resuming at step {state.get('step')} with {listed}",
+                       main_process_only=True)
+        return [*history, {"step": state.get("step"), "changes": {k: list(v) for k, v in changes.items()}}]
 
     def start(self) -> None:
-        """Write the run config, start trackers, and resume from a checkpoint if asked."""
+        """Resume or set aside an old run (only now, every check passed), write the run config, start trackers."""
         cfg, acc = self.cfg, self.accelerator
         if self.resume_path is not None:
-            state = ckpt.load_checkpoint(acc, self.resume_path, dict(acc.unwrap_model(self.model).config))
-            if self.spec.needs_train_eval:  # a checkpoint saved in eval mode (older versions) resumes too
-                self.optimizer.train()
-            self.step, self.nonfinite_total = state["step"], state.get("nonfinite_total", 0)
-            self.elapsed_before = state.get("elapsed_s", 0.0)
-            self.metrics.truncate_after(self.step)
-            logger.info(f"resumed from {self.resume_path} at step {self.step}", main_process_only=True)
+            self.resume()
+        elif acc.is_main_process and cfg.overwrite_output_dir:
+            rundir.move_aside(self.out)
         elif acc.is_main_process:
             clear_previous_run(self.out)
         run_config = self.run_config()
         if acc.is_main_process:
-            (self.out / "config.json").write_text(json.dumps(run_config, indent=2, default=str))
-        acc.wait_for_everyone()  # no process goes on while the main one is still clearing the old run
+            rundir.write_json(self.out / rundir.CONFIG, run_config)
+        acc.wait_for_everyone()  # no process goes on while the main one is still setting the old run aside
         tags = [self.spec.name, cfg.model_preset, self.data.name, cfg.prediction_type]
         with redacted_sys_argv():  # W&B saves the command line in its run metadata
             init_trackers(acc, self.trackers, cfg.tracker_project_name, self.out, self.tracker_config(run_config),
                           self.run_name, cfg.run_group, tags, cfg.wandb_entity)
         self._reset_interval()
+
+    def resume(self) -> None:
+        """Load the checkpoint (nothing is written before it loaded), apply allowed changes, cut metrics back."""
+        acc = self.accelerator
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        state = ckpt.load_checkpoint(acc, self.resume_path, dict(acc.unwrap_model(self.model).config))
+        if self.spec.needs_train_eval:  # a checkpoint saved in eval mode (older versions) resumes too
+            self.optimizer.train()
+        self.step, self.nonfinite_total = state["step"], state.get("nonfinite_total", 0)
+        self.elapsed_before = state.get("elapsed_s", 0.0)
+        if self.config_changes and self.config_changes[-1].get("step") == self.step:
+            self.apply_config_change(state, fresh)
+        if acc.is_main_process:
+            rundir.truncate_metrics(self.out / rundir.METRICS, self.step)
+        logger.info(f"resumed from {self.resume_path} at step {self.step}", main_process_only=True)
+
+    def apply_config_change(self, state: dict[str, Any], fresh: list[dict[str, Any]]) -> None:
+        """--allow_config_change: the new optimizer settings replace the loaded ones (load_state restored the old)."""
+        saved = state.get("optimizer") or {}
+        if saved.get("name") not in (None, self.spec.name):
+            self.optimizer.optimizer.state.clear()  # another optimizer's moments mean nothing to this one
+        # hyperparameters are the constructor's arguments; other group keys are running state (schedule-free's k)
+        hyper = set(inspect.signature(type(self.optimizer.optimizer).__init__).parameters) | {"initial_lr"}
+        for group, new in zip(self.optimizer.param_groups, fresh):
+            group.update({k: v for k, v in new.items() if k in hyper})
+        sched = self.lr_scheduler
+        sched.base_lrs = [g["initial_lr"] for g in fresh]
+        for group, base, fn in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * fn(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        if self.ema is not None and not (self.resume_path / "unet_ema").is_dir():  # EMA turned on now: start it here
+            self.ema = build_ema(self.cfg, self.accelerator.unwrap_model(self.model))
+            self.ema.to(self.accelerator.device)
 
     def tracker_config(self, run_config: dict[str, Any]) -> dict[str, Any]:
         """Flags at the top level (W&B panels group by `optimizer`, `learning_rate`...), the rest nested."""
@@ -470,6 +533,7 @@ class Trainer:
             "mixed_precision": self.accelerator.mixed_precision,
             "versions": package_versions(),
             "command": " ".join([os.path.basename(sys.argv[0]), *redact_argv(sys.argv[1:])]),
+            "config_changes": self.config_changes,
         }
 
     def build_loader(self) -> torch.utils.data.DataLoader:
@@ -490,6 +554,7 @@ class Trainer:
                 save_pipeline(unet, self.noise_scheduler, self.out)
             summary = write_summary(self.out, self.step, self.elapsed_before + time.perf_counter() - self.t_start,
                                     self.nonfinite_total)
+            rundir.drop_overwritten(self.out)
             if self.repo_id:
                 from diffusers_optim import hub
 
@@ -600,6 +665,8 @@ def register_ema_hooks(accelerator: Accelerator, ema) -> None:
             ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
 
     def load_hook(models, input_dir):
+        if not os.path.isdir(os.path.join(input_dir, "unet_ema")):
+            return  # EMA turned on at this resume (--allow_config_change): the trainer starts it from the weights
         loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), model_cls=UNet2DModel)
         ema.load_state_dict(loaded.state_dict())
         ema.to(accelerator.device)
@@ -658,6 +725,8 @@ def check_output_dir(cfg: TrainConfig, out: Path) -> Path | None:
         raise UserError(f"--resume_from_checkpoint latest: {out} does not exist (a typo in --output_dir?); "
                         "use --resume_from_checkpoint auto to resume when there is a checkpoint, else start")
     check_writable(out)
+    if rundir.lock_holder(out) is not None:  # checked on the main process only (decided_on_main)
+        raise UserError(rundir.in_use_message(out))
     if resume:
         path = ckpt.find_checkpoint(out, "latest" if resume == "auto" else resume)
         if path is not None:
@@ -667,7 +736,7 @@ def check_output_dir(cfg: TrainConfig, out: Path) -> Path | None:
                            "training starts from step 0", main_process_only=True)
         else:
             logger.info(f"no checkpoint in {out / 'checkpoints'} yet: starting a new run", main_process_only=True)
-    existing = [name for name in RUN_ARTIFACTS if (out / name).exists()]
+    existing = rundir.existing_run(out)
     if existing and not cfg.overwrite_output_dir:
         hint = ("it has no complete checkpoint to resume from; pass --overwrite_output_dir to replace it"
                 if cfg.resume_from_checkpoint else
@@ -677,13 +746,29 @@ def check_output_dir(cfg: TrainConfig, out: Path) -> Path | None:
 
 
 def clear_previous_run(out: Path) -> None:
-    """With --overwrite_output_dir: remove the old run's metrics and checkpoints, after every check passed."""
+    """A fresh start: remove the debris of a run killed before it logged anything (check_output_dir made sure)."""
     import shutil
 
-    for name in ("metrics.jsonl", "run_summary.json", "wandb_run_id.txt"):
+    for name in (rundir.METRICS, rundir.SUMMARY, rundir.WANDB_ID):
         (out / name).unlink(missing_ok=True)
-    for name in ("checkpoints", "samples"):
+    for name in (rundir.CHECKPOINTS, rundir.SAMPLES):
         shutil.rmtree(out / name, ignore_errors=True)
+
+
+def experiment_changes(state: dict[str, Any], cfg: TrainConfig, spec, hparams: dict[str, Any]) -> dict[str, tuple]:
+    """{what: (checkpoint's, now)} for every experiment-defining setting that differs from the checkpoint's."""
+    if "config" not in state:  # a checkpoint older than this check
+        return {}
+    changes = experiment_differences(state["config"], cfg.to_dict())
+    saved = state.get("optimizer") or {}
+    now = optimizer_record(spec, hparams)
+    if saved.get("name") != now["name"]:
+        changes["optimizer"] = (saved.get("name"), now["name"])
+    old_h, new_h = json.loads(json.dumps(saved.get("hparams", {}))), json.loads(json.dumps(now["hparams"]))
+    for key in sorted(set(old_h) | set(new_h)):
+        if old_h.get(key) != new_h.get(key):
+            changes[key] = (old_h.get(key), new_h.get(key))
+    return changes
 
 
 def optimizer_record(spec, hparams: dict[str, Any]) -> dict[str, Any]:
@@ -721,14 +806,12 @@ def save_pipeline(unet, noise_scheduler, out: Path) -> None:
 def write_summary(out: Path, steps: int, wall_time_s: float, nonfinite: int) -> dict[str, Any]:
     """run_summary.json, written last: its presence marks a complete run."""
     final: dict[str, Any] = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        final.update({k: v for k, v in json.loads(line).items() if k != "step"})
+    for record in rundir.read_metrics(out / rundir.METRICS):
+        final.update({k: v for k, v in record.items() if k != "step"})
     grids = sorted((out / "samples").glob("step_*.png"))
     summary = {"status": "complete", "steps": steps, "wall_time_s": wall_time_s, "nonfinite_steps": nonfinite,
                "final": final, "sample_grid": str(grids[-1].relative_to(out)) if grids else None}
-    tmp = out / "run_summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(out / "run_summary.json")
+    rundir.write_summary(out, summary)
     return summary
 
 

@@ -125,11 +125,22 @@ def test_total_limit_keeps_newest_and_deletes_only_after_new_is_complete(tmp_pat
     assert names(tmp_path) == ["checkpoint-000003", "checkpoint-000004"]
 
 
-def test_total_limit_below_one_is_a_user_error(tmp_path):
+def test_manifest_is_written_last_and_a_resized_file_makes_the_checkpoint_damaged(tmp_path):
     accelerator, *_ = build()
-    with pytest.raises(UserError, match="at least 1"):
-        ckpt.save_checkpoint(accelerator, tmp_path, 1, {}, total_limit=0)
-    assert not (tmp_path / "checkpoints").exists()
+    first = ckpt.save_checkpoint(accelerator, tmp_path, 1, {}, total_limit=None)
+    second = ckpt.save_checkpoint(accelerator, tmp_path, 2, {}, total_limit=None)
+    manifest = json.loads((second / ckpt.MANIFEST).read_text())["files"]
+    assert {"model.safetensors", "trainer_state.json"} <= set(manifest)
+    assert ckpt.damage(second) is None
+    weights = second / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    assert "model.safetensors has" in ckpt.damage(second)
+    assert ckpt.find_checkpoint(tmp_path, "latest") == first  # the newest intact one
+    with pytest.raises(UserError, match="not a complete checkpoint"):
+        ckpt.find_checkpoint(tmp_path, str(second))
+    (first / ckpt.MANIFEST).unlink()
+    with pytest.raises(UserError, match="no usable checkpoint"):
+        ckpt.find_checkpoint(tmp_path, "latest")
 
 
 def test_crash_during_save_keeps_previous_latest(tmp_path, monkeypatch):
