@@ -28,8 +28,19 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
+from diffusers_optim import rundir
 from diffusers_optim.arms import NOT_ARM_KEYS, arm_labels
-from diffusers_optim.config import coerce_value, field_types, flag_aliases, parse_train_args, unknown_flag
+from diffusers_optim.checkpoint import all_checkpoints
+from diffusers_optim.config import (
+    SECRET_FIELDS,
+    coerce_value,
+    field_types,
+    flag_aliases,
+    parse_train_args,
+    redact_argv,
+    split_secrets,
+    unknown_flag,
+)
 from diffusers_optim.errors import UserError
 from diffusers_optim.live import ProgressBoard, final_lines, live_view
 from diffusers_optim.optim.args import split_top_level
@@ -51,7 +62,33 @@ CONTROLLED_FLAGS = (
     "overwrite_output_dir",
 )
 # flags that may differ between a finished run and the plan without making it a different run
-NOT_COMPARED = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir", "logger")
+NOT_COMPARED = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir", "logger", *SECRET_FIELDS)
+# secret flags reach the trainers through their environment, never through argv (plan.json, logs, `ps`)
+SECRET_ENV = {"hub_token": "HF_TOKEN"}
+# How long a rerun waits for a trainer left by a killed comparison to save its checkpoint and let go of its folder.
+ORPHAN_WAIT_S = 120
+# A tiny supervisor in front of every trainer (Linux). PR_SET_PDEATHSIG makes the kernel signal it when the
+# comparison dies, even by SIGKILL, where no handler of ours could run; it passes ONE SIGTERM on, so the trainer
+# checkpoints and exits. Why not exec the trainer with the death signal set on it directly: the kernel repeats the
+# signal once for every thread of the dying comparison (its thread pool), and a second SIGTERM cuts the trainer's
+# checkpoint short. subprocess's preexec_fn would also be unsafe with that thread pool. The parent-pid check
+# covers a comparison that died before prctl took effect; Ctrl-C reaches the trainer itself (same process group).
+DIE_WITH_PARENT = """
+import ctypes, os, signal, subprocess, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(143)
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+child = subprocess.Popen(sys.argv[2:])
+forwarded = []
+def forward(signum, frame):
+    if not forwarded:
+        forwarded.append(signum)
+        child.send_signal(signal.SIGTERM)
+signal.signal(signal.SIGTERM, forward)
+code = child.wait()
+sys.exit(128 - code if code < 0 else code)
+"""
 # training flags that set a generic optimizer hyperparameter (the trainer maps them onto the registry's names)
 GRID_GENERIC = {
     "adam_beta1": "betas",
@@ -227,6 +264,8 @@ def parse_passthrough(rest: list[str]) -> list[tuple[str, str]]:
         i += 1
         if key != "config" and key not in types:
             raise unknown_flag(f"--{key}", "training flag")
+        if key in SECRET_FIELDS:
+            raise UserError(f"--{key} reached the run flags; pass it before them")  # split_secrets took it out
         if key in CONTROLLED_FLAGS:
             raise UserError(f"--{key} is set by the comparison for each run; it cannot be passed through")
         if key != "config":
@@ -369,8 +408,8 @@ def plan_run(arm: Arm, lr: float, seed: int, stage: str, common: list[str], grou
 
 
 def write_plan(root: Path, plan: dict[str, Any], runs: list[PlannedRun]) -> Path:
-    path = root / "plan.json"
-    path.write_text(json.dumps({**plan, "runs": [asdict(r) for r in runs]}, indent=2) + "\n")
+    path = root / rundir.PLAN
+    rundir.write_json(path, {**plan, "runs": [asdict(r) for r in runs]})
     return path
 
 
@@ -381,17 +420,31 @@ def trainer_command(run: PlannedRun, root: Path, accelerate_config: str | None) 
     """The trainer as its own process: the CLI, or `accelerate launch` with the user's config."""
     args = [*run.args, "--output_dir", str(root / run.path)]
     if accelerate_config is None:
-        return [sys.executable, "-m", "diffusers_optim.cli", "train", *args]
+        return die_with_parent([sys.executable, "-m", "diffusers_optim.cli", "train", *args])
     exe = shutil.which("accelerate")
     launch = [exe, "launch"] if exe else [sys.executable, "-m", "accelerate.commands.launch"]
-    return [*launch, "--config_file", accelerate_config, str(TRAIN_SCRIPT), *args]
+    return die_with_parent([*launch, "--config_file", accelerate_config, str(TRAIN_SCRIPT), *args])
+
+
+def die_with_parent(cmd: list[str]) -> list[str]:
+    """The command, run so that it gets one SIGTERM when this process dies (no orphan keeps training)."""
+    if not sys.platform.startswith("linux"):
+        return cmd
+    return [sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), *cmd]
+
+
+def shown_command(cmd: list[str]) -> str:
+    """The command as logged: without the exec wrapper, secrets redacted."""
+    if len(cmd) > 3 and cmd[1:3] == ["-c", DIE_WITH_PARENT]:
+        cmd = cmd[4:]
+    return shlex.join(redact_argv(cmd))
 
 
 def launch_subprocess(cmd: list[str], log_path: Path) -> int:
     """Run one trainer process, its output appended to log_path; returns its exit status."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("a") as log:
-        log.write(f"==> {shlex.join(cmd)}\n")
+        log.write(f"==> {shown_command(cmd)}\n")
         log.flush()
         return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
 
@@ -418,14 +471,14 @@ def run_state(run: PlannedRun, root: Path) -> str:
     run_dir = root / run.path
     if not run_dir.exists():
         return "fresh"
-    if (run_dir / "config.json").is_file() and config_differences(run, run_dir):
+    # a trainer left by a comparison killed a moment ago gets SIGTERM and is still saving its checkpoint
+    rundir.wait_unlocked(run_dir, ORPHAN_WAIT_S)
+    if (run_dir / rundir.CONFIG).is_file() and config_differences(run, run_dir):
         return "mismatch"
-    if read_json(run_dir / "run_summary.json").get("status") == "complete":
+    if rundir.is_complete(run_dir):
         return "complete"
-    has_checkpoint = (
-        any((run_dir / "checkpoints").glob("checkpoint-*")) if (run_dir / "checkpoints").is_dir() else False
-    )
-    return "resume" if has_checkpoint else "restart"
+    # a damaged checkpoint is the trainer's to report (it resumes from an older one or says why it cannot)
+    return "resume" if all_checkpoints(run_dir) else "restart"
 
 
 def check_reusable(runs: list[PlannedRun], root: Path, overwrite: bool) -> None:
@@ -470,7 +523,7 @@ def execute(
     """Train every run not already complete (num_parallel at a time); a failure is recorded and the rest go on."""
     from concurrent.futures import ThreadPoolExecutor
 
-    failures_path = root / "failures.json"
+    failures_path = root / rundir.FAILURES
     failures = read_json(failures_path)
     lock = threading.Lock()
     stage = "tuning" if runs and runs[0].stage == "tune" else "runs"
@@ -495,7 +548,7 @@ def execute(
                 cmd += ["--resume_from_checkpoint", "latest"]
             elif state == "restart":
                 remove_run_dir(root / run.path)  # killed before its first checkpoint: nothing to keep
-            log_path = root / "logs" / f"{run.name}.log"
+            log_path = root / rundir.LOGS / f"{run.name}.log"
             status = launcher(cmd, log_path)
         with lock:
             ok = state == "complete" or (status == 0 and run_state(run, root) == "complete")
@@ -504,7 +557,7 @@ def execute(
             else:
                 failures[run.name] = f"exit status {status}\n{last_lines(log_path)}".strip()
                 logger.warning("run %s FAILED (exit status %s); see %s", run.name, status, log_path)
-            failures_path.write_text(json.dumps(failures, indent=2) + "\n")
+            rundir.write_json(failures_path, failures)
         if state != "complete":
             board.finished(run.name, ok)
 
@@ -625,10 +678,13 @@ class Comparison:
     command: str
     num_parallel: int = 1
     progress_every: float | None = None
+    secrets: dict[str, str] = field(default_factory=dict, repr=False)  # e.g. hub_token, for the trainers' env
 
 
 def parse_comparison(argv: list[str]) -> Comparison:
     """Parse and validate everything a comparison needs; any problem is a UserError before any run."""
+    command = shlex.join(["diffusers-optim", "compare", *redact_argv(argv)])
+    argv, secrets = split_secrets(argv)  # before anything can record the command line
     args, rest = build_parser().parse_known_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
         raise UserError(f"--seeds has repeated values: {' '.join(map(str, args.seeds))}")
@@ -665,7 +721,8 @@ def parse_comparison(argv: list[str]) -> Comparison:
         target=args.target_val_loss,
         rank_by=args.rank_by,
         overwrite=args.overwrite,
-        command=shlex.join(["diffusers-optim", "compare", *argv]),
+        command=command,
+        secrets=secrets,
         num_parallel=args.num_parallel,
         progress_every=args.progress_every,
     )
@@ -714,7 +771,11 @@ def main(argv: list[str] | None = None) -> int:
     if cmp.num_parallel > 1 and "OMP_NUM_THREADS" not in os.environ:
         # share the cores between the runs instead of letting each one oversubscribe them
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cmp.num_parallel))
-    paths = run_comparison(cmp)
+    # the trainers find a --hub_token in their environment (HF_TOKEN), so it is in no command line or file
+    os.environ.update({SECRET_ENV[key]: value for key, value in cmp.secrets.items()})
+    # one comparison per folder; a comparison killed a moment ago lost its lock with its life
+    with rundir.locked(cmp.root, "comparison folder"):
+        paths = run_comparison(cmp)
     logger.info("summary: %s, %s", paths["summary_json"], paths["summary_csv"])
     logger.info("\n%s", final_lines(read_json(paths["summary_json"]), paths["report_html"]))
     return 0

@@ -217,6 +217,37 @@ def _is_optional(tp: Any) -> bool:
     return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
 
 
+def redact_argv(argv: list[str]) -> list[str]:
+    """Command-line arguments with the values of secret flags (--hub_token X, --hub_token=X) hidden."""
+    secret_flags = {f"--{name}" for name in SECRET_FIELDS} | {f"--{name.replace('_', '-')}" for name in SECRET_FIELDS}
+    redacted, hide_next = [], False
+    for arg in argv:
+        flag, eq, _ = arg.partition("=")
+        if hide_next:
+            arg = "<redacted>"
+        elif flag in secret_flags and eq:
+            arg = f"{flag}=<redacted>"
+        hide_next = not hide_next and arg in secret_flags
+        redacted.append(arg)
+    return redacted
+
+
+def split_secrets(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """argv without the secret flags (--hub_token X, --hub_token=X), and {field: value} of those it held."""
+    secret_flags = {f"--{n}": n for n in SECRET_FIELDS} | {f"--{n.replace('_', '-')}": n for n in SECRET_FIELDS}
+    kept, secrets, i = [], {}, 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        if flag in secret_flags:
+            if not eq and i + 1 < len(argv):
+                value, i = argv[i + 1], i + 1
+            secrets[secret_flags[flag]] = value
+        else:
+            kept.append(argv[i])
+        i += 1
+    return kept, secrets
+
+
 def experiment_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """{flag: (saved, now)} for the experiment-defining flags (all but FREE_FIELDS and OPTIMIZER_FIELDS) that differ."""
     ignored = set(FREE_FIELDS) | set(OPTIMIZER_FIELDS)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from diffusers_optim import checkpoint as ckpt
 from diffusers_optim import rundir
-from diffusers_optim.config import SECRET_FIELDS, TrainConfig, experiment_differences, parse_train_args
+from diffusers_optim.config import TrainConfig, experiment_differences, parse_train_args, redact_argv
 from diffusers_optim.data import build_datasets
 from diffusers_optim.diffusion import (
     min_snr_weights,
@@ -813,21 +813,6 @@ def write_summary(out: Path, steps: int, wall_time_s: float, nonfinite: int) -> 
                "final": final, "sample_grid": str(grids[-1].relative_to(out)) if grids else None}
     rundir.write_summary(out, summary)
     return summary
-
-
-def redact_argv(argv: list[str]) -> list[str]:
-    """Command-line arguments with the values of secret flags (--hub_token X, --hub_token=X) hidden."""
-    secret_flags = {f"--{name}" for name in SECRET_FIELDS} | {f"--{name.replace('_', '-')}" for name in SECRET_FIELDS}
-    redacted, hide_next = [], False
-    for arg in argv:
-        flag, eq, _ = arg.partition("=")
-        if hide_next:
-            arg = "<redacted>"
-        elif flag in secret_flags and eq:
-            arg = f"{flag}=<redacted>"
-        hide_next = not hide_next and arg in secret_flags
-        redacted.append(arg)
-    return redacted
 
 
 @contextlib.contextmanager

@@ -6,7 +6,6 @@ each), tuning/<run>/ (the lr-grid trials).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -15,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from diffusers_optim.arms import default_settings, settings_from_args
+
+# the run folder's owner reads JSON and metrics.jsonl for everyone (torn last lines skipped and reported)
+from diffusers_optim.rundir import read_json, read_metrics  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -37,30 +39,6 @@ class Run:
     config: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)  # the full training config: what makes its arm
     arm: str = ""  # the arm's label, set once all runs of the comparison are known (summary.label_arms)
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON file as a dict, or {} when it is absent or unreadable (a run killed mid-write)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl as a list of records; a torn last line (killed run) is skipped."""
-    records = []
-    if not path.is_file():
-        return records
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            logger.warning("skipping unreadable line in %s", path)
-    return records
 
 
 def load_run(path: Path, planned: dict[str, Any] | None = None, error: str | None = None) -> Run:

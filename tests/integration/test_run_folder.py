@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -230,3 +231,62 @@ def test_a_second_trainer_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_p
     assert train("--output_dir", str(out), "--max_train_steps", "2", "--overwrite_output_dir") == 0
     assert f"taking over the lock of pid {holder.pid}" in caplog.text
     assert not (out / rundir.HOLDER).exists() and rundir.is_complete(out) and steps_of(out) == [1, 2]
+
+
+# ---- a comparison killed, then rerun; no secret anywhere ---------------------------------------------------------
+COMPARE_FLAGS = [
+    "--max_train_steps", "30", "--resolution", "8", "--train_batch_size", "8", "--ddpm_num_steps", "100",
+    "--num_validation_images", "8", "--validation_steps", "0", "--logging_steps", "1", "--lr_warmup_steps", "0",
+    "--sample_steps", "0", "--num_samples", "4", "--num_inference_steps", "2", "--num_eval_samples", "16",
+    "--checkpointing_steps", "10",
+]  # fmt: skip
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie is dead too
+
+
+@pytest.mark.slow
+def test_compare_sigkilled_leaves_no_orphan_reruns_and_never_writes_a_token(tmp_path):
+    """The parent of a comparison is SIGKILLed mid-training: its trainer dies with it (after a checkpoint), the
+    rerun resumes and finishes, and neither the --hub_token flag nor HF_TOKEN appears in any file."""
+    flag_token, env_token = "hf_FLAGTOKENabcdef123456", "hf_ENVTOKENabcdef654321"
+    out = tmp_path / "cmp"
+    env = {**os.environ, **ENV, "TQDM_DISABLE": "1", "HF_TOKEN": env_token}
+    cmd = [sys.executable, "-m", "diffusers_optim.cli", "compare", "--optimizers", "adamw:lr=1e-3", "--seeds", "0",
+           "--output_dir", str(out), "--hub_token", flag_token, *COMPARE_FLAGS]
+    run_dir = out / "runs" / "adamw-lr0.001-s0"
+    parent = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while len(steps_of(run_dir)) < 2:
+            assert parent.poll() is None and time.monotonic() < deadline, "the comparison did not start training"
+            time.sleep(0.2)
+        child = rundir.read_json(run_dir / rundir.HOLDER)["pid"]
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=60)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    deadline = time.monotonic() + 120
+    while pid_alive(child):  # PR_SET_PDEATHSIG: the kernel sent it SIGTERM, it saves a checkpoint and exits
+        assert time.monotonic() < deadline, f"trainer {child} outlived its comparison"
+        time.sleep(0.2)
+    log = out / "logs" / "adamw-lr0.001-s0.log"
+    assert rundir.run_state(run_dir) == "resumable", log.read_text()[-3000:]
+
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert "--resume_from_checkpoint latest" in log.read_text() and rundir.is_complete(run_dir)
+    assert rundir.read_json(out / rundir.FAILURES) == {}
+    assert "<redacted>" in rundir.read_json(out / rundir.PLAN)["command"]
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) > 20
+    for token in (flag_token, env_token):
+        leaks = [str(p.relative_to(out)) for p in files if token.encode() in p.read_bytes()]
+        assert not leaks, f"{token} found in {leaks}"
+        assert token not in again.stdout + again.stderr
