@@ -94,3 +94,29 @@ def offline_env(monkeypatch, tmp_path) -> dict[str, str]:
 def script_command(*args: str) -> list[str]:
     """The real training script, as a user runs it, with the tiny flags first."""
     return [sys.executable, str(TRAIN_SCRIPT), *TINY_FLAGS, *args]
+
+
+@pytest.fixture(scope="session")
+def finished_run_template(tmp_path_factory) -> Path:
+    """A real finished run (4 tiny steps, logged every step, a checkpoint at step 2), trained once per test process
+    through the CLI; tests get copies (`finished_run`) instead of writing run folders by hand."""
+    from diffusers_optim import cli
+
+    out = tmp_path_factory.mktemp("finished_run") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}.items():
+            mp.setenv(key, value)
+        args = ["--output_dir", str(out), "--max_train_steps", "4", "--logging_steps", "1", "--checkpointing_steps", "2"]
+        assert cli.main(["train", *TINY_FLAGS, *args]) == 0
+    return out
+
+
+@pytest.fixture
+def copy_finished_run(finished_run_template):
+    """Factory: a copy of the real finished run at the given path (hidden files included)."""
+    import shutil
+
+    def copy(out: Path) -> Path:
+        return Path(shutil.copytree(finished_run_template, out, symlinks=True))
+
+    return copy

@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 from diffusers_optim import cli
-from diffusers_optim.trainer import Trainer
 
 SECONDS = 30  # generous: the 2-core test machine is shared; a bad input normally fails in well under a second
 
@@ -31,18 +30,6 @@ def write_pngs(folder: Path, count: int, size=(16, 16)) -> list[Path]:
         Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
         paths.append(path)
     return paths
-
-
-def fake_previous_run(out: Path) -> None:
-    """What a finished run leaves behind: metrics, a sample grid, a checkpoint, its config."""
-    (out / "samples").mkdir(parents=True)
-    (out / "metrics.jsonl").write_text('{"step": 10, "train/loss": 0.5}\n')
-    Image.new("L", (8, 8), 128).save(out / "samples" / "step_000010.png")
-    ckpt = out / "checkpoints" / "checkpoint-000010"
-    ckpt.mkdir(parents=True)
-    (ckpt / "model.safetensors").write_bytes(b"not really weights")
-    (ckpt / "trainer_state.json").write_text('{"step": 10}')
-    (out / "config.json").write_text('{"config": {}}')
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -164,10 +151,9 @@ CASES = [
 
 @pytest.mark.parametrize("make_args, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_and_leaves_previous_run_untouched(
-    tmp_path, files, run_train, make_args, expected
+    tmp_path, files, run_train, copy_finished_run, make_args, expected
 ):
-    out = tmp_path / "out"
-    fake_previous_run(out)
+    out = copy_finished_run(tmp_path / "out")
     before = snapshot(out)
     start = time.perf_counter()
     # --overwrite_output_dir: even when replacing is allowed, a failed check must not have cleared anything yet.
@@ -243,7 +229,7 @@ def no_hub_login(tmp_path, monkeypatch):
     ids=["no-credentials", "offline"],
 )
 def test_push_to_hub_fails_before_training(
-    no_hub_login, files, tmp_path, run_train, monkeypatch, offline, expected
+    no_hub_login, files, tmp_path, run_train, copy_finished_run, monkeypatch, offline, expected
 ):
     import diffusers_optim.trainer as trainer
 
@@ -251,8 +237,7 @@ def test_push_to_hub_fails_before_training(
     monkeypatch.setattr(
         trainer, "build_datasets", lambda *a, **k: pytest.fail("data scanned before the hub check")
     )
-    out = tmp_path / "out"
-    fake_previous_run(out)
+    out = copy_finished_run(tmp_path / "out")
     before = snapshot(out)
     code, err = run_train("--output_dir", str(out), "--overwrite_output_dir", "--push_to_hub")
     assert_one_line_error(code, err, expected)
@@ -267,9 +252,8 @@ def test_output_dir_under_a_file(tmp_path, run_train):
     assert blocker.read_text() == "keep me" and sorted(tmp_path.iterdir()) == [blocker]
 
 
-def test_existing_run_needs_overwrite_or_resume(tmp_path, run_train):
-    out = tmp_path / "out"
-    fake_previous_run(out)
+def test_existing_run_needs_overwrite_or_resume(tmp_path, run_train, copy_finished_run):
+    out = copy_finished_run(tmp_path / "out")
     before = snapshot(out)
     code, err = run_train("--output_dir", str(out))
     assert_one_line_error(code, err, "already holds a run")
@@ -277,10 +261,8 @@ def test_existing_run_needs_overwrite_or_resume(tmp_path, run_train):
     assert snapshot(out) == before
 
 
-def test_resume_from_a_checkpoint_of_another_model_shape(tiny_config, tmp_path, run_train):
-    cfg = tiny_config()
-    Trainer(cfg).save_checkpoint()  # a real checkpoint of the tiny preset (step 0)
-    out = Path(cfg.output_dir)
+def test_resume_from_a_checkpoint_of_another_model_shape(copy_finished_run, tmp_path, run_train):
+    out = copy_finished_run(tmp_path / "out")  # a real run of the tiny preset
     other = tmp_path / "other_unet.json"
     other.write_text(
         json.dumps(

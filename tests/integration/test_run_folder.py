@@ -46,14 +46,6 @@ def module_env():
 
 
 @pytest.fixture(scope="module")
-def finished_template(tmp_path_factory, module_env) -> Path:
-    """A complete 4-step run with a checkpoint at step 2."""
-    out = tmp_path_factory.mktemp("finished") / "run"
-    assert train("--output_dir", str(out), "--max_train_steps", "4") == 0
-    return out
-
-
-@pytest.fixture(scope="module")
 def stopped_template(tmp_path_factory, module_env) -> Path:
     """A 6-step run stopped after step 4 (--stop_after_steps), with checkpoints at steps 2 and 4."""
     out = tmp_path_factory.mktemp("stopped") / "run"
@@ -62,8 +54,9 @@ def stopped_template(tmp_path_factory, module_env) -> Path:
 
 
 @pytest.fixture
-def finished(finished_template, tmp_path) -> Path:
-    return Path(shutil.copytree(finished_template, tmp_path / "run", symlinks=True))
+def finished(copy_finished_run, tmp_path) -> Path:
+    """A complete 4-step run with a checkpoint at step 2 (conftest's real run)."""
+    return copy_finished_run(tmp_path / "run")
 
 
 @pytest.fixture

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from pathlib import Path
 
 import pytest
 
-from diffusers_optim import compare
+from diffusers_optim import compare, rundir
 from diffusers_optim.config import parse_train_args
 from diffusers_optim.errors import UserError
 
@@ -100,6 +102,9 @@ def test_plan_shares_every_flag_but_the_optimizer(tmp_path):
     assert "momentum=0.9" in cfgs[2].optimizer_args.split(",")  # resolved hyperparameters, in sgd's own names
     assert cfgs[3].run_name == "sgd-lr0.01-s1"
     cmd = compare.trainer_command(runs[0], tmp_path, None)
+    if sys.platform.startswith("linux"):  # behind the supervisor that passes on the comparison's death
+        assert cmd[1:4] == ["-c", compare.DIE_WITH_PARENT, str(os.getpid())]
+        cmd = cmd[4:]
     assert cmd[1:4] == ["-m", "diffusers_optim.cli", "train"] and cmd[-2:] == [
         "--output_dir",
         str(tmp_path / runs[0].path),
@@ -119,7 +124,7 @@ class FakeTrainer:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         out = Path(cfg.output_dir)
         out.mkdir(parents=True)
-        (out / "config.json").write_text(json.dumps({"config": cfg.to_dict(), "run_name": cfg.run_name}))
+        rundir.write_json(out / rundir.CONFIG, {"config": cfg.to_dict(), "run_name": cfg.run_name})
         if cfg.optimizer == self.fail_optimizer:
             log_path.write_text("Traceback...\nRuntimeError: loss exploded\n")
             return 1
@@ -127,9 +132,8 @@ class FakeTrainer:
         val = 1.0 / (1.0 + 100 * cfg.learning_rate) + 0.01 * cfg.seed
         val += 0.1 * (cfg.adam_beta1 or 0.0) + 0.002 * (cfg.lr_warmup_steps or 0)
         rec = {"step": cfg.max_train_steps, "elapsed_s": 1.0, "train/loss": val, "val/loss": val}
-        (out / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
-        summary = {"status": "complete", "steps": cfg.max_train_steps, "final": {"val/loss": val}}
-        (out / "run_summary.json").write_text(json.dumps(summary))
+        rundir.append_record(out / rundir.METRICS, rec)
+        rundir.write_summary(out, {"status": "complete", "steps": cfg.max_train_steps, "final": {"val/loss": val}})
         return 0
 
 
@@ -359,3 +363,18 @@ def test_a_run_that_never_started_stays_in_its_planned_arm(tmp_path):
     arms = [(a["arm"], a["status"]) for a in summary["arms"]]
     assert arms == [("adam_beta1=0.5", "complete"), ("adam_beta1=0.9", "failed")]
     assert "no seed finished in both adam_beta1=0.9 and adam_beta1=0.5" in (tmp_path / "report.md").read_text()
+
+
+def test_hub_token_reaches_no_plan_flag_or_log_only_the_trainers_environment(tmp_path):
+    secret = "hf_SECRETabc123"
+    for token_args in (["--hub_token", secret], [f"--hub_token={secret}"]):
+        cmp = compare.parse_comparison(
+            ["--optimizers", "adamw", "--output_dir", str(tmp_path), *token_args, "--max_train_steps", "3"]
+        )
+        assert cmp.secrets == {"hub_token": secret} and secret not in repr(cmp)
+        assert cmp.common == ["--max_train_steps", "3"] and "<redacted>" in cmp.command
+    run = compare.plan_run(cmp.choices[0], 1e-4, 0, "final", cmp.common, cmp.group)
+    log = tmp_path / "logs" / "run.log"
+    compare.launch_subprocess([sys.executable, "-c", "pass", "--hub_token", secret], log)
+    assert secret not in log.read_text() and "--hub_token '<redacted>'" in log.read_text()
+    assert secret not in " ".join(compare.trainer_command(run, tmp_path, None))
