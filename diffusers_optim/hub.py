@@ -12,6 +12,7 @@ from typing import Any
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from diffusers_optim import rundir
 from diffusers_optim.errors import UserError
 
 SECRET_KEY_PARTS = ("token", "api_key", "apikey", "secret", "password")
@@ -20,12 +21,13 @@ REDACTED = "<redacted>"
 TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{8,}")
 TASK = "unconditional-image-generation"
 
+CARD = "README.md"  # the model card, written into the run folder before the upload
 # What a model repository gets: the DDPMPipeline, the card, the run config and the final sample grid.
-UPLOAD_ALLOW = ["README.md", "model_index.json", "unet/*", "scheduler/*", "config.json", "samples/final*"]
+UPLOAD_ALLOW = [CARD, "model_index.json", "unet/*", "scheduler/*", rundir.CONFIG, f"{rundir.SAMPLES}/final*"]
 # Never uploaded even if an allow pattern matches: resumable state, logs, tracker folders, raw metrics.
 UPLOAD_IGNORE = [
-    "checkpoints/*",
-    "*/checkpoints/*",
+    f"{rundir.CHECKPOINTS}/*",
+    f"*/{rundir.CHECKPOINTS}/*",
     "logs/*",
     "wandb/*",
     "tensorboard/*",
@@ -33,7 +35,7 @@ UPLOAD_IGNORE = [
     "*.jsonl",
     "*.jsonl.*",
     "*tfevents*",
-    "wandb_run_id.txt",
+    rundir.WANDB_ID,
     ".*",
     "*/.*",
 ]
@@ -320,7 +322,7 @@ def push_run(
     output_dir = Path(output_dir)
     if not (output_dir / "model_index.json").is_file():
         raise UserError(f"no saved pipeline in {output_dir} (model_index.json is missing); nothing to push")
-    card.save(output_dir / "README.md")
+    card.save(output_dir / CARD)
     _check_no_token_in(output_dir, token, sample_grid)
     api = api or HfApi()
     try:
