@@ -254,7 +254,9 @@ def experiment_differences(saved: dict[str, Any], current: dict[str, Any]) -> di
     diffs = {}
     for key in sorted((set(saved) & set(current)) - ignored):  # a flag newer than the checkpoint is not compared
         old, new = json.loads(json.dumps(saved.get(key))), json.loads(json.dumps(current.get(key)))
-        if old != new:
+        # unset now, resolved at run time from flags compared here (lr_scheduler from the optimizer, warmup from
+        # the step count): the checkpoint holds the resolved value, so unset means "as before"
+        if old != new and new is not None:
             diffs[key] = (old, new)
     return diffs
 

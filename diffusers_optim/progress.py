@@ -19,7 +19,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-STATUS_FILE = "status.json"
+from diffusers_optim import rundir
+
+STATUS_FILE = rundir.STATUS
 logger = logging.getLogger(__name__)
 
 

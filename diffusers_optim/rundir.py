@@ -32,13 +32,14 @@ SUMMARY = "run_summary.json"
 SAMPLES = "samples"
 CHECKPOINTS = "checkpoints"
 WANDB_ID = "wandb_run_id.txt"
+STATUS = "status.json"  # live progress for onlookers (format: progress.py)
 LOCK = ".lock"  # flock'ed by the process that writes the folder; never deleted (see RunLock)
 HOLDER = ".lock.holder"  # who holds the lock: pid, host, start time; removed on release
 OVERWRITTEN = ".overwritten"  # an old run moved aside by --overwrite_output_dir, until the new one checkpoints
 # files whose presence means "this folder already holds a run"
 RUN_MARKERS = (METRICS, SUMMARY, CHECKPOINTS, "model_index.json")
 # everything a run writes at the top of its folder (what --overwrite_output_dir moves aside)
-RUN_FILES = (CONFIG, METRICS, SUMMARY, SAMPLES, CHECKPOINTS, WANDB_ID, "logs", "wandb", "model_index.json", "unet",
+RUN_FILES = (CONFIG, METRICS, SUMMARY, SAMPLES, CHECKPOINTS, WANDB_ID, STATUS, "logs", "wandb", "model_index.json", "unet",
              "scheduler", "README.md")
 
 # ---- comparison folder ------------------------------------------------------------------------------
