@@ -378,3 +378,10 @@ def test_hub_token_reaches_no_plan_flag_or_log_only_the_trainers_environment(tmp
     compare.launch_subprocess([sys.executable, "-c", "pass", "--hub_token", secret], log)
     assert secret not in log.read_text() and "--hub_token '<redacted>'" in log.read_text()
     assert secret not in " ".join(compare.trainer_command(run, tmp_path, None))
+
+
+def test_a_bad_training_number_is_refused_before_the_folder_is_touched(tmp_path):
+    with pytest.raises(UserError, match="--max_train_steps must be at least 1"):
+        compare.parse_comparison(["--optimizers", "adamw", "--output_dir", str(tmp_path / "cmp"),
+                                  "--max_train_steps", "0"])
+    assert not (tmp_path / "cmp").exists()
