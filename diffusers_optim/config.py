@@ -32,7 +32,8 @@ FREE_FIELDS = (
     "run_name", "num_timestep_buckets", "logging_steps", "validation_steps", "sample_steps", "eval_steps",
     "num_samples", "num_eval_samples", "num_inference_steps", "inception_weights", "checkpointing_steps",
     "checkpoints_total_limit", "resume_from_checkpoint", "push_to_hub", "hub_model_id", "hub_private_repo",
-    "allow_config_change", *SECRET_FIELDS,
+    "allow_config_change", "local_rank", "save_images_epochs", "save_model_epochs", "logging_dir",
+    "enable_xformers_memory_efficient_attention", *SECRET_FIELDS,
 )
 OPTIMIZER_FIELDS = ("optimizer", "optimizer_args", "learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay",
                     "adam_epsilon", "momentum")
@@ -186,7 +187,7 @@ RANGES: dict[str, tuple[float, bool]] = {
     "max_nonfinite_steps": (1, True), "num_timestep_buckets": (1, True), "logging_steps": (0, True),
     "validation_steps": (0, True), "sample_steps": (0, True), "eval_steps": (0, True), "num_samples": (1, True),
     "num_eval_samples": (1, True), "num_inference_steps": (1, True), "checkpointing_steps": (0, True),
-    "checkpoints_total_limit": (1, True),
+    "checkpoints_total_limit": (1, True), "save_images_epochs": (1, True), "save_model_epochs": (1, True),
 }
 UPPER_BOUNDS = {"adam_beta1": 1.0, "adam_beta2": 1.0, "ema_max_decay": 1.0}  # inclusive only for ema_max_decay
 

@@ -98,7 +98,7 @@ def script_command(*args: str) -> list[str]:
 
 @pytest.fixture(scope="session")
 def finished_run_template(tmp_path_factory) -> Path:
-    """A real finished run (4 tiny steps, logged every step, a checkpoint at step 2), trained once per test process
+    """A real finished run (4 tiny steps, logged every step, checkpoints every 2 steps), trained once per test process
     through the CLI; tests get copies (`finished_run`) instead of writing run folders by hand."""
     from diffusers_optim import cli
 

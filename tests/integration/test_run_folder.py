@@ -55,7 +55,7 @@ def stopped_template(tmp_path_factory, module_env) -> Path:
 
 @pytest.fixture
 def finished(copy_finished_run, tmp_path) -> Path:
-    """A complete 4-step run with a checkpoint at step 2 (conftest's real run)."""
+    """A complete 4-step run with checkpoints every 2 steps (conftest's real run)."""
     return copy_finished_run(tmp_path / "run")
 
 
@@ -109,7 +109,8 @@ def test_bad_input_leaves_a_finished_run_byte_identical(finished, capsys, mode, 
 
 
 def test_resume_with_every_checkpoint_damaged_is_an_error_not_a_restart(finished, capsys):
-    (finished / CHECKPOINTS_DIR / "checkpoint-000002" / "optimizer.bin").write_bytes(b"torn")
+    for checkpoint in (finished / CHECKPOINTS_DIR).glob("checkpoint-*"):
+        (checkpoint / "optimizer.bin").write_bytes(b"torn")
     before = hashes(finished)
     code = train("--output_dir", str(finished), "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
     one_line_error(capsys, code, "no usable checkpoint", "optimizer.bin has 4 bytes")
