@@ -117,6 +117,12 @@ class TrainConfig:
     ema_max_decay: float = field(default=0.9999, metadata={"help": "EMA maximum decay."})
     max_nonfinite_steps: int = field(default=10, metadata={"help": "Stop (with a checkpoint) after this many non-finite steps in a row."})
 
+    # ---- speed: how fast a run computes, never what (results equal to float rounding) --------------
+    torch_compile: bool = field(default=False, metadata={"help": "torch.compile the UNet for training (validation and sampling stay uncompiled, so nothing recompiles); the compile is paid once before step 1 (perf/compile_s) and cached for later runs. Pays on runs of a few hundred steps of the small preset and up; see README."})
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = field(default="default", metadata={"help": "torch.compile mode with --torch_compile; reduce-overhead and max-autotune add CUDA graphs on a GPU."})
+    channels_last: bool = field(default=False, metadata={"help": "NHWC memory layout for the UNet and its inputs (faster convolutions on GPU tensor cores)."})
+    allow_tf32: bool = field(default=False, metadata={"help": "TF32 matmuls and convolutions on Ampere or newer GPUs (faster, ~1e-3 relative precision)."})
+
     # ---- logging, validation, samples ----------------------------------------------------------
     output_dir: str = field(default="outputs/run", metadata={"help": "Where metrics, samples, checkpoints and the pipeline go; '{run_name}' is replaced by the run's name."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing into a non-empty output directory that holds another run."})

@@ -52,6 +52,15 @@ from diffusers_optim.optim.groups import group_lrs, routing_keys
 from diffusers_optim.progress import RunStatus, setup_console_logging
 from diffusers_optim.sampling import BatchStream, generate_images, images_to_grid, micro_batch_noise
 from diffusers_optim.schedules import build_lr_scheduler, default_warmup_steps, resolve_lr_scheduler
+from diffusers_optim.speed import (
+    channels_last_input,
+    check_compiler,
+    compile_for_training,
+    configure_backends,
+    mark_step_begin,
+    to_channels_last,
+    warm_up_compiled,
+)
 from diffusers_optim.tracking import MetricsLog, check_writable, init_trackers, resolve_trackers
 
 logger = get_logger(__name__)
@@ -91,9 +100,12 @@ class Trainer:
         self.config_changes = self.check_same_experiment()  # before the data scan: a refusal takes a second
         # before the data scan, which can take minutes on a large folder
         self.repo_id = decided_on_main(self.accelerator, lambda: check_hub(cfg))
+        if cfg.torch_compile:
+            check_compiler(self.accelerator.device)
+        configure_backends(cfg.allow_tf32)
         self.data = build_datasets(cfg, self.channels)
-        self.model = build_unet(cfg.model_preset, cfg.resolution, self.channels, cfg.init_seed,
-                                cfg.model_config_name_or_path)
+        self.model = to_channels_last(build_unet(cfg.model_preset, cfg.resolution, self.channels, cfg.init_seed,
+                                                 cfg.model_config_name_or_path), cfg.channels_last)
         self.noise_scheduler = build_noise_scheduler(cfg.ddpm_num_steps, cfg.ddpm_beta_schedule, cfg.prediction_type)
         self.optimizer = build(self.resolved, self.model)
         self.routing_keys = routing_keys(self.model, self.spec.param_routing)  # to log each routed group's lr
@@ -107,6 +119,9 @@ class Trainer:
                                                self.max_steps, cfg.lr_num_cycles)
         self.ema = build_ema(cfg, self.model)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        # only the training forward is compiled; everything else calls self.model (see speed.compile_for_training)
+        self.train_forward = compile_for_training(self.model, cfg.compile_mode) if cfg.torch_compile else self.model
+        self.compile_s: float | None = None  # logged once, as perf/compile_s, with the first log step
         if self.spec.needs_train_eval:  # schedule-free starts in eval mode and refuses to step until told
             self.optimizer.train()
         # The LR schedule is stepped by hand once per optimizer step (prepare() would step it once per process).
@@ -150,6 +165,9 @@ class Trainer:
     def _train(self) -> dict[str, Any]:
         with self.stop_request.listening():
             self.start()
+            if self.cfg.torch_compile:
+                self.compile_s = self.warm_up_compile()
+                self.t_interval_start = time.perf_counter()  # images/s counts training steps only
             self.status.start_training(self.step)
             batches = iter(self.build_loader())
             bar = tqdm(total=self.max_steps, initial=self.step, desc=self.run_name, dynamic_ncols=True,
@@ -203,8 +221,10 @@ class Trainer:
     def compute_loss(self, clean: torch.Tensor, noise: torch.Tensor,
                      timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample MSE of the prediction and the (optionally Min-SNR weighted) loss to backpropagate."""
-        noisy = self.noise_scheduler.add_noise(clean, noise, timesteps)
-        pred = self.model(noisy, timesteps).sample
+        noisy = channels_last_input(self.noise_scheduler.add_noise(clean, noise, timesteps), self.cfg.channels_last)
+        if self.cfg.torch_compile:
+            mark_step_begin(self.cfg.compile_mode, self.accelerator.device)
+        pred = self.train_forward(noisy, timesteps).sample
         mse = per_sample_mse(pred, training_target(self.noise_scheduler, clean, noise, timesteps))
         weights = min_snr_weights(self.noise_scheduler, timesteps, self.cfg.snr_gamma) if self.cfg.snr_gamma else None
         return mse, (mse * weights).mean() if weights is not None else mse.mean()
@@ -214,6 +234,26 @@ class Trainer:
         b = clean.shape[0]
         return micro_batch_noise(self.cfg.seed, self.step, micro, self.accelerator.process_index * b, b,
                                  tuple(clean.shape[1:]), self.cfg.ddpm_num_steps, clean.device, clean.dtype)
+
+    def warm_up_compile(self) -> float:
+        """Compile the training forward and backward on a batch of the training shape; returns the seconds taken.
+
+        Before step 1, so the compile is in no step's time nor in perf/images_per_sec. It changes nothing:
+        no optimizer step, the gradients it leaves are zeroed, and the RNG is restored (speed.warm_up_compiled).
+        """
+        cfg, device = self.cfg, self.accelerator.device
+        shape = (cfg.train_batch_size, self.channels, cfg.resolution, cfg.resolution)
+
+        def forward_backward() -> None:
+            clean = torch.zeros(shape, device=device)
+            timesteps = torch.zeros(shape[0], dtype=torch.long, device=device)
+            _, loss = self.compute_loss(clean, torch.randn_like(clean), timesteps)
+            self.accelerator.backward(loss)
+
+        with self.status.phase("compiling", f"torch.compile mode {cfg.compile_mode}, cached for later runs"):
+            seconds = warm_up_compiled(forward_backward)
+        self.optimizer.zero_grad(set_to_none=True)
+        return seconds
 
     def clip_gradients(self) -> torch.Tensor:
         """Global gradient norm before clipping (clipping only when gradients are synchronized)."""
@@ -312,6 +352,7 @@ class Trainer:
                         self.routing_keys),
             "train/nonfinite_steps": self.nonfinite_total,
             "perf/images_per_sec": images / seconds,
+            **({"perf/compile_s": self.compile_s} if self.compile_s is not None else {}),
             "perf/peak_memory_mb": peak_memory_mb(acc.device),
             "optim/state_mb": optimizer_state_bytes(self.optimizer.optimizer) / 2**20,
             "train/param_norm": param_norm(self.model.parameters()),
@@ -321,6 +362,7 @@ class Trainer:
         effective = self.spec.effective_lr(self.optimizer.optimizer) if self.spec.effective_lr else None
         if effective is not None:
             record["train/effective_lr"] = float(effective)
+        self.compile_s = None  # once per process: a resumed run logs its own compile
         self._reset_interval()
         return record
 
@@ -638,8 +680,9 @@ def build_ema(cfg: TrainConfig, model: torch.nn.Module):
         return None
     from diffusers.training_utils import EMAModel
 
+    # foreach: one torch._foreach_* kernel per update instead of a Python loop over every tensor
     return EMAModel(model.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True, inv_gamma=cfg.ema_inv_gamma,
-                    power=cfg.ema_power, model_cls=type(model), model_config=model.config)
+                    power=cfg.ema_power, model_cls=type(model), model_config=model.config, foreach=True)
 
 
 def register_json_state(accelerator: Accelerator, filename: str, obj) -> None:

@@ -1,0 +1,97 @@
+"""The speed paths compute what the reference computes: the Trainer's foreach EMA against the EMA formula,
+fused/foreach optimizer steps against torch's per-tensor loop, and the one-line error for a missing compiler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffusers_optim.models import build_unet
+from diffusers_optim.speed import channels_last_input, check_compiler, fast_step_kwargs, to_channels_last
+from diffusers_optim.trainer import build_ema
+
+
+def _grads(model: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g) * 1e-2
+
+
+def _small_net() -> torch.nn.Module:
+    """Conv, norm and linear tensors of several shapes (the optimizers' equality does not need a UNet)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.GroupNorm(4, 8), torch.nn.Flatten(),
+                               torch.nn.Linear(8 * 14 * 14, 10))
+
+
+def test_trainer_ema_is_foreach_and_matches_the_ema_formula(tiny_config):
+    """build_ema's EMA (diffusers EMAModel with foreach) against ema = d*ema + (1-d)*param, step by step."""
+    cfg = tiny_config("--use_ema")
+    model = build_unet("tiny", 16, 1, 0)
+    ema = build_ema(cfg, model)
+    assert ema.foreach
+    reference = [p.detach().clone() for p in model.parameters()]
+    for step in range(1, 6):
+        with torch.no_grad():
+            for i, p in enumerate(model.parameters()):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(step * 1000 + i)) * 0.1)
+        ema.step(model.parameters())
+        # diffusers' warmup decay: 1 - (1 + step/inv_gamma)^-power, capped at max_decay
+        decay = min(1 - (1 + (step - 1) / cfg.ema_inv_gamma) ** -cfg.ema_power, cfg.ema_max_decay)
+        reference = [decay * r + (1 - decay) * p.detach() for r, p in zip(reference, model.parameters())]
+        for shadow, expected in zip(ema.shadow_params, reference):
+            torch.testing.assert_close(shadow, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), [
+    (torch.optim.AdamW, {"lr": 1e-3, "weight_decay": 1e-2}),
+    (torch.optim.Adam, {"lr": 1e-3}),
+    (torch.optim.SGD, {"lr": 1e-2, "momentum": 0.9}),
+    (torch.optim.RMSprop, {"lr": 1e-3}),
+])
+@pytest.mark.parametrize("flag", ["fused", "foreach"])
+def test_fast_optimizer_steps_match_the_per_tensor_loop(cls, kwargs, flag):
+    """Ten steps of the fused / foreach implementation against torch's for-loop one, to float tolerance."""
+    import inspect
+
+    if flag not in inspect.signature(cls).parameters:
+        pytest.skip(f"{cls.__name__} has no {flag} implementation")
+    models = [_small_net() for _ in range(2)]
+    reference = cls(models[0].parameters(), foreach=False, **kwargs)
+    fast = cls(models[1].parameters(), **fast_step_kwargs(flag, torch.device("cpu")), **kwargs)
+    for step in range(10):
+        for model, opt in zip(models, (reference, fast)):
+            _grads(model, step)
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fast_step_kwargs_only_where_torch_has_kernels():
+    assert fast_step_kwargs("fused", torch.device("cpu")) == {"fused": True}
+    assert fast_step_kwargs("foreach", torch.device("cuda")) == {"foreach": True}
+    assert fast_step_kwargs(None, torch.device("cpu")) == {}
+    assert fast_step_kwargs("fused", torch.device("meta")) == {}
+
+
+def test_channels_last_changes_layout_not_values():
+    model = build_unet("tiny", 16, 1, 0)
+    x = torch.randn(2, 1, 16, 16)
+    t = torch.tensor([3, 700])
+    with torch.no_grad():
+        expected = model(x, t).sample
+        nhwc = to_channels_last(model, True)
+        got = nhwc(channels_last_input(x, True), t).sample
+    assert next(p for p in nhwc.parameters() if p.dim() == 4).is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_missing_compiler_is_a_one_line_error(monkeypatch):
+    from torch._inductor import config
+
+    from diffusers_optim.errors import UserError
+
+    monkeypatch.setattr(config.cpp, "cxx", (None, "no-such-compiler-x"))
+    with pytest.raises(UserError, match="needs a C\\+\\+ compiler"):
+        check_compiler(torch.device("cpu"))
+    check_compiler(torch.device("cuda"))  # GPU kernels are Triton's: no host compiler needed
