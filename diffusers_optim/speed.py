@@ -51,12 +51,18 @@ def mark_step_begin(mode: str, device: torch.device) -> None:
         torch.compiler.cudagraph_mark_step_begin()
 
 
-def share_compile_cache(folder: Path) -> str:
-    """Point inductor's caches at `folder` for this process and its children, unless the user chose a folder.
+def default_compile_cache() -> Path:
+    """The user's inductor cache: kept across runs, comparisons and reboots (inductor's own default is in /tmp)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffusers-optim" / "inductor"
 
-    The runs of a comparison train the same shapes: the first compiles, the others load its graphs and kernels.
+
+def share_compile_cache(folder: Path | None = None) -> str:
+    """Point inductor's caches (FX graphs, AOTAutograd, kernels) at one folder unless the user chose one.
+
+    Every run of a comparison trains the same shapes: the first one compiles, the others load its graphs and
+    kernels (seconds instead of minutes). Set TORCHINDUCTOR_CACHE_DIR to choose the folder (e.g. shared storage).
     """
-    return os.environ.setdefault(CACHE_ENV, str(folder))
+    return os.environ.setdefault(CACHE_ENV, str(folder or default_compile_cache()))
 
 
 def check_compiler(device: torch.device) -> None:

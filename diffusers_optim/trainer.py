@@ -58,6 +58,7 @@ from diffusers_optim.speed import (
     compile_for_training,
     configure_backends,
     mark_step_begin,
+    share_compile_cache,
     to_channels_last,
     warm_up_compiled,
 )
@@ -102,6 +103,7 @@ class Trainer:
         self.repo_id = decided_on_main(self.accelerator, lambda: check_hub(cfg))
         if cfg.torch_compile:
             check_compiler(self.accelerator.device)
+            share_compile_cache()
         configure_backends(cfg.allow_tf32)
         self.data = build_datasets(cfg, self.channels)
         self.model = to_channels_last(build_unet(cfg.model_preset, cfg.resolution, self.channels, cfg.init_seed,
