@@ -165,7 +165,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         results["ours-compile"].update(compile_cold_s=cold, compile_warm_s=compile_seconds(work / "ours-compile"))
     if "peer" in results:
         peer = results["peer"]
-        for arm, r in results.items():
+        for r in results.values():
             r["cpu_ratio"] = r["cpu_s_per_step"] / peer["cpu_s_per_step"]
             r["wall_ratio"] = r["wall_s_per_step"] / peer["wall_s_per_step"]
     return {"settings": {**{k: v for k, v in vars(args).items() if k not in ("json", "work_dir")},

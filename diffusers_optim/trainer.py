@@ -109,7 +109,7 @@ class Trainer:
         self.model = to_channels_last(build_unet(cfg.model_preset, cfg.resolution, self.channels, cfg.init_seed,
                                                  cfg.model_config_name_or_path), cfg.channels_last)
         self.noise_scheduler = build_noise_scheduler(cfg.ddpm_num_steps, cfg.ddpm_beta_schedule, cfg.prediction_type)
-        self.optimizer = build(self.resolved, self.model)
+        self.optimizer = build(self.resolved, self.model, self.accelerator.device)
         self.routing_keys = routing_keys(self.model, self.spec.param_routing)  # to log each routed group's lr
         self.max_steps = num_train_steps(cfg, len(self.data.train), self.accelerator.num_processes)
         self.save_model_steps = resolve_epoch_cadences(cfg, len(self.data.train), self.accelerator.num_processes)
@@ -817,7 +817,8 @@ def experiment_changes(state: dict[str, Any], cfg: TrainConfig, spec, hparams: d
 
 
 def optimizer_record(spec, hparams: dict[str, Any]) -> dict[str, Any]:
-    flags = {k: getattr(spec, k) for k in ("needs_train_eval", "lr_is_multiplier", "schedule_free", "needs_cuda")
+    flags = {k: getattr(spec, k) for k in ("needs_train_eval", "lr_is_multiplier", "schedule_free", "needs_cuda",
+                                           "fast_step")
              if hasattr(spec, k)}
     return {"name": spec.name, "hparams": {k: (list(v) if isinstance(v, tuple) else v) for k, v in hparams.items()},
             "package": getattr(spec, "package", None), "flags": flags,

@@ -59,6 +59,7 @@ BUILTIN_SPECS = [
         defaults_source="lr 1e-2: SGD needs ~100x Adam's lr (no per-parameter normalization); momentum 0.9: "
         "the classic value (Sutskever et al. 2013); nesterov False, weight_decay 0: torch defaults",
         hparam_names={"lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay"},
+        fast_step="fused",
     ),
     OptimizerSpec(
         name="adam",
@@ -70,6 +71,7 @@ BUILTIN_SPECS = [
             "weight_decay 1e-6", "weight_decay 0 (torch: Adam's decay is L2)"
         ),
         hparam_names=ADAM_NAMES,
+        fast_step="fused",
     ),
     OptimizerSpec(
         name="adamw",
@@ -80,6 +82,7 @@ BUILTIN_SPECS = [
         defaults_source=DIFFUSERS_SOURCE,
         hparam_names=ADAM_NAMES,
         aliases=("adamw_torch",),
+        fast_step="fused",
     ),
     OptimizerSpec(
         name="rmsprop",
@@ -90,6 +93,7 @@ BUILTIN_SPECS = [
         defaults_source="lr 1e-4: the Adam scale (same per-parameter normalization); alpha 0.99, momentum 0, "
         "eps 1e-8, weight_decay 0: torch defaults",
         hparam_names={"lr": "lr", "momentum": "momentum", "eps": "eps", "weight_decay": "weight_decay"},
+        fast_step="foreach",
     ),
     OptimizerSpec(
         name="adagrad",
@@ -98,6 +102,7 @@ BUILTIN_SPECS = [
         defaults={"lr": 1e-2, "eps": 1e-10, "weight_decay": 0.0},
         defaults_source="lr 1e-2, eps 1e-10, weight_decay 0: torch defaults",
         hparam_names={"lr": "lr", "eps": "eps", "weight_decay": "weight_decay"},
+        fast_step="fused",
     ),
     OptimizerSpec(
         name="adafactor",
@@ -204,6 +209,7 @@ BUILTIN_SPECS = [
         defaults_source=DIFFUSERS_SOURCE + "; decoupled_weight_decay: AdamW-style decay, as the baseline; "
         "momentum_decay 4e-3: torch's (Dozat 2016)",
         hparam_names=ADAM_NAMES,
+        fast_step="foreach",
     ),
     OptimizerSpec(
         name="radam",
@@ -212,6 +218,7 @@ BUILTIN_SPECS = [
         defaults=DIFFUSERS_DECOUPLED,
         defaults_source=DIFFUSERS_SOURCE + "; decoupled_weight_decay: AdamW-style decay, as the baseline",
         hparam_names=ADAM_NAMES,
+        fast_step="foreach",
     ),
     OptimizerSpec(
         name="stable_adamw",

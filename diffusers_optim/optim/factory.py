@@ -17,6 +17,7 @@ from diffusers_optim.errors import UserError, closest_match
 from diffusers_optim.optim.groups import param_groups
 from diffusers_optim.optim.registry import OptimizerRegistry, default_registry
 from diffusers_optim.optim.spec import GENERIC_HPARAMS, OptimizerSpec
+from diffusers_optim.speed import fast_step_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -129,9 +130,16 @@ def resolve(
     return ResolvedOptimizer(spec, kwargs)
 
 
-def build(resolved: ResolvedOptimizer, model_or_params: torch.nn.Module | Iterable) -> torch.optim.Optimizer:
-    """The torch optimizer of a resolved spec; biases and norm weights get no weight decay."""
+def build(resolved: ResolvedOptimizer, model_or_params: torch.nn.Module | Iterable,
+          device: torch.device | None = None) -> torch.optim.Optimizer:
+    """The torch optimizer of a resolved spec; biases and norm weights get no weight decay.
+
+    With `device` (where training runs; the parameters may still be on the CPU), the spec's fused/foreach
+    step is turned on where that device has the kernel: same update to float rounding, fewer kernel launches.
+    """
     spec, kwargs = resolved.spec, dict(resolved.kwargs)
+    if device is not None and not {"fused", "foreach"} & kwargs.keys():
+        kwargs.update(fast_step_kwargs(spec.fast_step, device))
     groups = param_groups(model_or_params, None, spec.param_routing)
     try:
         optimizer = spec.load_factory()(groups, **kwargs)

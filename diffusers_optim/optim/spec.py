@@ -48,6 +48,9 @@ class OptimizerSpec:
     # optimizer-state key of the first-moment (momentum) buffer in the weights' own basis, e.g. "exp_avg";
     # the gradient probes read it for grad_t/momentum_cos (None: no such buffer, or not in that basis)
     first_moment_state: str | None = None
+    # "fused" / "foreach": the keyword that turns on torch's one-kernel step (instead of a Python loop over the
+    # tensors); build() sets it where the device has the kernel, unless the user gave fused= or foreach=
+    fast_step: str | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.hparam_names) - set(GENERIC_HPARAMS)

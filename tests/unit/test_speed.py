@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from diffusers_optim.models import build_unet
+from diffusers_optim.optim.builtin import BUILTIN_SPECS
+from diffusers_optim.optim.factory import build, resolve
 from diffusers_optim.speed import channels_last_input, check_compiler, fast_step_kwargs, to_channels_last
 from diffusers_optim.trainer import build_ema
 
@@ -43,28 +45,34 @@ def test_trainer_ema_is_foreach_and_matches_the_ema_formula(tiny_config):
             torch.testing.assert_close(shadow, expected, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize(("cls", "kwargs"), [
-    (torch.optim.AdamW, {"lr": 1e-3, "weight_decay": 1e-2}),
-    (torch.optim.Adam, {"lr": 1e-3}),
-    (torch.optim.SGD, {"lr": 1e-2, "momentum": 0.9}),
-    (torch.optim.RMSprop, {"lr": 1e-3}),
-])
-@pytest.mark.parametrize("flag", ["fused", "foreach"])
-def test_fast_optimizer_steps_match_the_per_tensor_loop(cls, kwargs, flag):
-    """Ten steps of the fused / foreach implementation against torch's for-loop one, to float tolerance."""
-    import inspect
+FAST_SPECS = [spec.name for spec in BUILTIN_SPECS if spec.fast_step]
 
-    if flag not in inspect.signature(cls).parameters:
-        pytest.skip(f"{cls.__name__} has no {flag} implementation")
+
+def test_torch_optimizers_declare_their_fast_step():
+    assert set(FAST_SPECS) >= {"adam", "adamw", "sgd", "rmsprop", "adagrad"}
+
+
+@pytest.mark.parametrize("name", FAST_SPECS)
+def test_fast_optimizer_steps_match_the_per_tensor_loop(name):
+    """The registry's build on a device turns on the spec's fused/foreach step; ten steps equal torch's loop."""
+    spec = next(s for s in BUILTIN_SPECS if s.name == name)
+    hparams = {"lr": 1e-3, "weight_decay": 1e-2} if spec.has_weight_decay else {"lr": 1e-3}
     models = [_small_net() for _ in range(2)]
-    reference = cls(models[0].parameters(), foreach=False, **kwargs)
-    fast = cls(models[1].parameters(), **fast_step_kwargs(flag, torch.device("cpu")), **kwargs)
+    reference = build(resolve(spec, {**hparams, "foreach": False}), models[0], torch.device("cpu"))
+    fast = build(resolve(spec, hparams), models[1], torch.device("cpu"))
+    assert fast.defaults[spec.fast_step] is True and not reference.defaults.get("fused")
     for step in range(10):
         for model, opt in zip(models, (reference, fast)):
             _grads(model, step)
             opt.step()
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_false_in_optimizer_args_wins():
+    opt = build(resolve("adamw", {"fused": False}), _small_net(), torch.device("cpu"))
+    assert not opt.defaults["fused"]
+    assert not build(resolve("adamw", {}), _small_net()).defaults["fused"]  # no device given: torch's default
 
 
 def test_fast_step_kwargs_only_where_torch_has_kernels():
