@@ -1,14 +1,19 @@
 """Seconds per training step: our trainer (eager and compiled) against diffusers' own example script, side by side.
 
-Every arm trains the same UNet layout (the small preset's, 32 px RGB) at batch 16 with AdamW 1e-4 in fp32 on
+Every arm trains the same UNet layout (by default the small preset's, 32 px RGB) at batch 16 with AdamW 1e-4 on
 the same images, one torch thread per process, all arms at the same time (so the machine's load hits them
 alike). Each runs under benchmarks/step_clock.py, which timestamps every optimizer step by wall and process CPU
 clocks and ends the process after --steps steps. Steady state is the mean over steps (--steady_from, --steps]:
 log steps included, compile excluded. The compile is measured separately: once cold (a fresh cache, the arm
 alone) and once as the side-by-side run pays it (warm cache), both as the trainer's perf/compile_s.
 
+The other arms exercise each speed flag on whatever device the trainer finds (on a GPU: CUDA graphs through
+reduce-overhead, channels_last, TF32); without --peer the ratios are against our eager arm.
+
     python benchmarks/bench_vs_peer.py --peer ../shared/peer/train_unconditional.py
     python benchmarks/bench_vs_peer.py --peer PEER --steps 60 --compile_mode max-autotune --json
+    python benchmarks/bench_vs_peer.py --preset ddpm-cifar10 --sequential \
+        --arms ours ours-unfused ours-compile ours-cudagraphs ours-channels-last ours-tf32     # on a GPU
 """
 
 from __future__ import annotations
@@ -29,13 +34,23 @@ ROOT = Path(__file__).resolve().parents[1]
 CLOCK = ROOT / "benchmarks" / "step_clock.py"
 OURS = ROOT / "train_scripts" / "train_unconditional.py"
 TARGETS = {"ours-compile": 0.5, "ours": 1.0}  # issue 15: seconds/step relative to the peer
+ARM_FLAGS = {  # our arms: the trainer's flags on top of the shared ones
+    "ours": [],
+    "ours-compile": ["--torch_compile"],  # with --compile_mode
+    "ours-cudagraphs": ["--torch_compile", "--compile_mode", "reduce-overhead"],
+    "ours-unfused": ["--optimizer_args", "fused=false"],
+    "ours-channels-last": ["--channels_last"],
+    "ours-tf32": ["--allow_tf32"],
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--peer", required=True, help="path of diffusers' examples/.../train_unconditional.py")
-    p.add_argument("--arms", nargs="+", default=["peer", "ours", "ours-compile"],
-                   choices=["peer", "ours", "ours-compile"])
+    p.add_argument("--peer", default=None, help="path of diffusers' examples/.../train_unconditional.py")
+    p.add_argument("--arms", nargs="+", default=None, choices=["peer", *ARM_FLAGS],
+                   help="default: peer ours ours-compile (ours ours-compile without --peer)")
+    p.add_argument("--preset", default="small", help="our UNet preset whose layout every arm trains")
+    p.add_argument("--sequential", action="store_true", help="one arm at a time (a single GPU), not side by side")
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per arm")
     p.add_argument("--steady_from", type=int, default=10, help="steady state: the steps after this one")
     p.add_argument("--compile_mode", default="default", help="--compile_mode of the compiled arm")
@@ -46,7 +61,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work_dir", default=None, help="keep data, logs and step times here (default: temporary)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
-    if not Path(args.peer).is_file():
+    if args.arms is None:
+        args.arms = ["peer", "ours", "ours-compile"] if args.peer else ["ours", "ours-compile"]
+    if "peer" in args.arms and not args.peer:
+        p.error("the peer arm needs --peer PATH")
+    if args.peer and not Path(args.peer).is_file():
         p.error(f"--peer {args.peer}: no such file")
     if not 0 < args.steady_from < args.steps:
         p.error("--steady_from must be between 0 and --steps")
@@ -67,11 +86,11 @@ def write_images(folder: Path, resolution: int) -> int:
     return len(images)
 
 
-def write_unet_config(folder: Path, resolution: int) -> Path:
-    """The small preset's layout for RGB at this resolution, as a config both scripts load."""
+def write_unet_config(folder: Path, preset: str, resolution: int) -> Path:
+    """The preset's layout for RGB at this resolution, as a config both scripts load."""
     from diffusers_optim.models import build_unet
 
-    build_unet("small", resolution, 3, 0).save_config(folder)
+    build_unet(preset, resolution, 3, 0).save_config(folder)
     return folder
 
 
@@ -87,7 +106,9 @@ def arm_command(arm: str, args: argparse.Namespace, work: Path, data: Path, unet
     ours = [*clock, str(OURS), *common, "--optimizer", "adamw", "--max_train_steps", str(10 * args.steps),
             "--logging_steps", "10", "--validation_steps", "0", "--sample_steps", "0", "--eval_steps", "0",
             "--report_to", "none", "--overwrite_output_dir"]
-    return [*ours, "--torch_compile", "--compile_mode", args.compile_mode] if arm == "ours-compile" else ours
+    if arm == "ours-compile":
+        return [*ours, *ARM_FLAGS[arm], "--compile_mode", args.compile_mode]
+    return [*ours, *ARM_FLAGS[arm]]
 
 
 def arm_env(cache: Path) -> dict[str, str]:
@@ -100,6 +121,9 @@ def arm_env(cache: Path) -> dict[str, str]:
 # ---- running and reading ---------------------------------------------------------------------------------
 def run_arms(commands: dict[str, list[str]], env: dict[str, str], work: Path) -> dict[str, float]:
     """Start every arm at once and wait; returns each arm's wall seconds. A failed arm stops the benchmark."""
+    if len(commands) > 1 and env.get("BENCH_SEQUENTIAL"):
+        return {arm: run_arms({arm: cmd}, {k: v for k, v in env.items() if k != "BENCH_SEQUENTIAL"}, work)[arm]
+                for arm, cmd in commands.items()}
     procs, started = {}, time.perf_counter()
     for arm, cmd in commands.items():
         log = (work / f"{arm}.log").open("w")
@@ -147,9 +171,9 @@ def load_average() -> str:
 def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     data, unet = work / "data", work / "unet"
     num_images = write_images(data, args.resolution)
-    write_unet_config(unet, args.resolution)
+    write_unet_config(unet, args.preset, args.resolution)
     cache = Path(args.compile_cache) if args.compile_cache else work / "inductor_cache"
-    env = arm_env(cache)
+    env = {**arm_env(cache), **({"BENCH_SEQUENTIAL": "1"} if args.sequential else {})}
     commands = {arm: arm_command(arm, args, work, data, unet) for arm in args.arms}
     cold = None
     if "ours-compile" in commands:  # alone first: fills the cache, and its compile is the cold one
@@ -163,11 +187,10 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                      "process_wall_s": wall[arm]} for arm in commands}
     if "ours-compile" in results:
         results["ours-compile"].update(compile_cold_s=cold, compile_warm_s=compile_seconds(work / "ours-compile"))
-    if "peer" in results:
-        peer = results["peer"]
-        for r in results.values():
-            r["cpu_ratio"] = r["cpu_s_per_step"] / peer["cpu_s_per_step"]
-            r["wall_ratio"] = r["wall_s_per_step"] / peer["wall_s_per_step"]
+    base = results.get("peer") or results.get("ours")
+    for r in results.values() if base else ():
+        r["cpu_ratio"] = r["cpu_s_per_step"] / base["cpu_s_per_step"]
+        r["wall_ratio"] = r["wall_s_per_step"] / base["wall_s_per_step"]
     return {"settings": {**{k: v for k, v in vars(args).items() if k not in ("json", "work_dir")},
                          "num_images": num_images, "load_before": load_before, "load_after": load_average()},
             "results": results}
@@ -175,8 +198,10 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def format_table(report: dict[str, Any]) -> str:
     s = report["settings"]
-    lines = [f"small-preset UNet, {s['resolution']} px RGB, batch {s['batch_size']}, AdamW 1e-4, fp32, one thread "
-             f"per process, arms side by side; steady state = steps {s['steady_from'] + 1}-{s['steps']}",
+    together = "one at a time" if s["sequential"] else "side by side"
+    lines = [f"{s['preset']}-preset UNet, {s['resolution']} px RGB, batch {s['batch_size']}, AdamW 1e-4, one thread "
+             f"per process, arms {together}; steady state = steps {s['steady_from'] + 1}-{s['steps']}; ratios "
+             f"against {'the peer' if 'peer' in report['results'] else 'ours (eager)'}",
              f"load average before {s['load_before']}, after {s['load_after']}", "",
              f"{'arm':<14} {'cpu s/step':>10} {'wall s/step':>11} {'median wall':>11} {'cpu ratio':>9} "
              f"{'wall ratio':>10}  compile s (cold / warm)"]
@@ -189,7 +214,7 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append("")
     for arm, target in TARGETS.items():
         r = report["results"].get(arm)
-        if r and "cpu_ratio" in r:
+        if r and "cpu_ratio" in r and "peer" in report["results"]:
             verdict = "meets" if r["cpu_ratio"] <= target else "MISSES"
             lines.append(f"{arm}: {verdict} the target cpu ratio <= {target} ({r['cpu_ratio']:.3f}; "
                          f"wall {r['wall_ratio']:.3f})")

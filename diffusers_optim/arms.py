@@ -35,6 +35,11 @@ NOT_ARM_KEYS = frozenset(
         "stop_after_steps",
         "dataloader_num_workers",
         "cache_dir",
+        # how fast, not what: the same maths to float rounding, and one mode for every arm (--grid refuses them)
+        "torch_compile",
+        "compile_mode",
+        "channels_last",
+        "allow_tf32",
     }
 )
 SHORT_NAMES = {"learning_rate": "lr"}

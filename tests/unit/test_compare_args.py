@@ -385,3 +385,16 @@ def test_a_bad_training_number_is_refused_before_the_folder_is_touched(tmp_path)
         compare.parse_comparison(["--optimizers", "adamw", "--output_dir", str(tmp_path / "cmp"),
                                   "--max_train_steps", "0"])
     assert not (tmp_path / "cmp").exists()
+
+
+def test_every_arm_gets_the_same_compile_mode(tmp_path):
+    """Fairness: speed flags are shared flags, so no arm is compiled differently from another."""
+    cmp = compare.parse_comparison(
+        ["--optimizers", "adamw", "lion", "sgd", "--seeds", "0", "1", "--output_dir", str(tmp_path / "cmp"),
+         "--torch_compile", "--compile_mode", "max-autotune", "--channels_last"])
+    runs = [compare.plan_run(a, a.choice.lr, s, "final", cmp.common, cmp.group) for a in cmp.arms for s in cmp.seeds]
+    cfgs = [parse_train_args(r.args + ["--output_dir", str(tmp_path)]) for r in runs]
+    assert {(c.torch_compile, c.compile_mode, c.channels_last) for c in cfgs} == {(True, "max-autotune", True)}
+    with pytest.raises(UserError, match="--grid torch_compile: it does not change what is trained"):
+        compare.parse_comparison(["--optimizers", "adamw", "--output_dir", str(tmp_path / "g"),
+                                  "--grid", "torch_compile=true,false"])
