@@ -102,8 +102,8 @@ class Trainer:
         # before the data scan, which can take minutes on a large folder
         self.repo_id = decided_on_main(self.accelerator, lambda: check_hub(cfg))
         if cfg.torch_compile:
+            share_compile_cache()  # first: inductor pins its /tmp default the first time it looks the folder up
             check_compiler(self.accelerator.device)
-            share_compile_cache()
         configure_backends(cfg.allow_tf32)
         self.data = build_datasets(cfg, self.channels)
         self.model = to_channels_last(build_unet(cfg.model_preset, cfg.resolution, self.channels, cfg.init_seed,

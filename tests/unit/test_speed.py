@@ -103,3 +103,16 @@ def test_missing_compiler_is_a_one_line_error(monkeypatch):
     with pytest.raises(UserError, match="needs a C\\+\\+ compiler"):
         check_compiler(torch.device("cpu"))
     check_compiler(torch.device("cuda"))  # GPU kernels are Triton's: no host compiler needed
+
+
+def test_the_trainer_points_inductor_at_the_shared_cache(tiny_config, tmp_path, monkeypatch):
+    """The folder is set before inductor first looks it up (it pins its /tmp default on that first look)."""
+    import os
+
+    from diffusers_optim.trainer import Trainer
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    Trainer(tiny_config("--torch_compile"))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "diffusers-optim" / "inductor")
+
