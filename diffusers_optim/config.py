@@ -73,7 +73,8 @@ class TrainConfig:
     center_crop: bool = field(default=False, metadata={"help": "Center-crop instead of random-crop to --resolution."})
     random_flip: bool = field(default=False, metadata={"help": "Randomly flip images horizontally."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
-    num_validation_images: int = field(default=64, metadata={"help": "Images held out for validation (frozen noise and timesteps)."})
+    num_validation_images: int | None = field(default=None, metadata={"help": "Images held out for validation; default: the whole held-out split (400) on digits, 64 on other data."})
+    num_validation_draws: int = field(default=2, metadata={"help": "Frozen noise/timestep draws per validation image (bucket-stratified, the same for every run): more draws, smaller val/loss_se, longer validation."})
     skip_bad_images: bool = field(default=False, metadata={"help": "Skip and count corrupt images instead of failing."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     cache_dir: str | None = field(default=None, metadata={"help": "Cache directory for hub data sets."})
@@ -108,8 +109,9 @@ class TrainConfig:
     max_train_steps: int = field(default=500, metadata={"help": "Optimizer steps to train."})
     stop_after_steps: int | None = field(default=None, metadata={"help": "End this session after step N with a checkpoint, schedule unchanged (time-limited jobs); continue with --resume_from_checkpoint latest."})
     num_epochs: int | None = field(default=None, metadata={"help": "If set, train this many epochs instead of --max_train_steps."})
-    seed: int = field(default=0, metadata={"help": "Seed for data order, noise, timesteps (the model init uses --init_seed)."})
-    init_seed: int = field(default=0, metadata={"help": "Seed of the model's initial weights; the same for every optimizer in a comparison."})
+    seed: int = field(default=0, metadata={"help": "Seed for data order, noise, timesteps, sampling noise and (unless --fixed_init) the initial weights."})
+    init_seed: int | None = field(default=None, metadata={"help": "Seed of the model's initial weights; default: --seed, or 0 with --fixed_init. Every optimizer with the same seed starts from the same weights."})
+    fixed_init: bool = field(default=False, metadata={"help": "Start every seed from the same initial weights (--init_seed, default 0): seeds then vary data order, noise and sampling only."})
     mixed_precision: Literal["no", "fp16", "bf16"] | None = field(default=None, metadata={"help": "no, fp16 or bf16; default: the accelerate config's."})
     use_ema: bool = field(default=False, metadata={"help": "Keep an EMA of the weights (diffusers EMAModel); samples and the saved pipeline use it."})
     ema_inv_gamma: float = field(default=1.0, metadata={"help": "EMA warmup inv_gamma."})
@@ -194,6 +196,7 @@ RANGES: dict[str, tuple[float, bool]] = {
     "validation_steps": (0, True), "sample_steps": (0, True), "eval_steps": (0, True), "num_samples": (1, True),
     "num_eval_samples": (1, True), "num_inference_steps": (1, True), "checkpointing_steps": (0, True),
     "checkpoints_total_limit": (1, True), "save_images_epochs": (1, True), "save_model_epochs": (1, True),
+    "num_validation_draws": (1, True),
 }
 UPPER_BOUNDS = {"adam_beta1": 1.0, "adam_beta2": 1.0, "ema_max_decay": 1.0}  # inclusive only for ema_max_decay
 
@@ -266,6 +269,13 @@ def experiment_differences(saved: dict[str, Any], current: dict[str, Any]) -> di
         if old != new and new is not None:
             diffs[key] = (old, new)
     return diffs
+
+
+def resolved_init_seed(cfg: TrainConfig) -> int:
+    """The seed of the initial weights: --init_seed, else 0 with --fixed_init, else --seed."""
+    if cfg.init_seed is not None:
+        return cfg.init_seed
+    return 0 if cfg.fixed_init else cfg.seed
 
 
 def field_types(cls: type = TrainConfig) -> dict[str, Any]:

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 PROGRESS_MIN_IMAGES = 300
+DEFAULT_VALIDATION_IMAGES = 64  # held out from a folder or hub data set when --num_validation_images is not given
 # Resized images are kept in memory up to this size, so an epoch costs a crop and a flip per item.
 CACHE_BYTES = 512 * 2**20
 
@@ -97,7 +98,8 @@ def build_digits(cfg: TrainConfig, channels: int) -> DataBundle:
 
     split = digits_split()
     train = split["train_images"][: cfg.max_train_samples]
-    validation = split["heldout_images"][: max(0, cfg.num_validation_images)]
+    num_validation = len(split["heldout_images"]) if cfg.num_validation_images is None else cfg.num_validation_images
+    validation = split["heldout_images"][: max(0, num_validation)]
     return DataBundle(
         train=TensorImages(digits_tensor(train, cfg.resolution, channels), cfg.random_flip),
         validation=digits_tensor(validation, cfg.resolution, channels),
@@ -327,8 +329,9 @@ def build_from_images(
 ) -> DataBundle:
     """Hold out the last images (in sorted order) for validation and train on the rest."""
     # At least one image must stay for training.
-    num_validation = max(0, min(cfg.num_validation_images, len(items) - 1))
-    if num_validation < cfg.num_validation_images:
+    wanted = DEFAULT_VALIDATION_IMAGES if cfg.num_validation_images is None else cfg.num_validation_images
+    num_validation = max(0, min(wanted, len(items) - 1))
+    if num_validation < wanted:
         logger.warning("only %d images: holding out %d for validation", len(items), num_validation)
     val_items, val_images, bad_val = check_images(items[::-1], load, cfg, channels, num_validation)
     first_val = len(items) - len(val_items) - bad_val

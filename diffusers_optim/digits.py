@@ -1,7 +1,8 @@
 """The built-in data set: scikit-learn's 8x8 handwritten digits (ships with scikit-learn, needs no network).
 
-One fixed split serves everyone: the diffusion model trains on `train`; validation loss and the
-sample-quality reference use `heldout`, which no model (diffusion or feature network) ever trains on.
+One fixed split serves everyone: the diffusion model and the quality metrics' feature network train on `train`,
+which is also the sample-quality reference; validation loss and the quality metrics' floor (real digits scored
+like samples) use `heldout`, which no model ever trains on.
 """
 
 from __future__ import annotations

@@ -26,19 +26,26 @@ from tqdm.auto import tqdm
 
 from diffusers_optim import checkpoint as ckpt
 from diffusers_optim import rundir
-from diffusers_optim.config import TrainConfig, experiment_differences, parse_train_args, redact_argv
-from diffusers_optim.data import build_datasets
-from diffusers_optim.diffusion import (
-    min_snr_weights,
-    per_sample_mse,
-    stratified_timesteps,
-    training_target,
+from diffusers_optim.config import (
+    TrainConfig,
+    experiment_differences,
+    parse_train_args,
+    redact_argv,
+    resolved_init_seed,
 )
+from diffusers_optim.data import build_datasets
+from diffusers_optim.diffusion import min_snr_weights, per_sample_mse, training_target
 from diffusers_optim.distributed import Stop, StopRequest, decided_on_main
 from diffusers_optim.errors import UserError
-from diffusers_optim.metrics.buckets import BucketMeter, bucket_keys, bucket_means
+from diffusers_optim.metrics.keys import raw_key
 from diffusers_optim.metrics.probes import GradProbe, build_probe_batch, first_moment_buffers
 from diffusers_optim.metrics.train import TrainMetrics, UpdateSnapshot, param_norm
+from diffusers_optim.metrics.validation import (
+    ValidationMeter,
+    validation_batches,
+    validation_draw,
+    validation_record,
+)
 from diffusers_optim.models import build_noise_scheduler, build_unet, check_resolution, load_unet_config
 from diffusers_optim.optim import (
     ResolvedOptimizer,
@@ -66,8 +73,7 @@ from diffusers_optim.tracking import MetricsLog, check_writable, init_trackers, 
 
 logger = get_logger(__name__)
 
-VALIDATION_SEED = 1234  # frozen validation noise/timesteps: the same for every run, so curves differ only by optimizer
-SAMPLE_SEED = 4321  # fixed sampling noise for the grid and the quality metrics
+SAMPLE_SEED = 4321  # sampling noise of the grid and the quality metrics, offset by --seed
 PROBE_SEED = 2468  # frozen noise/timesteps of the gradient probes' batch: the same for every optimizer and probe
 
 
@@ -87,6 +93,8 @@ class Trainer:
         self.resolved = resolve_optimizer(cfg, self.spec)  # the one place the user's hyperparameters are resolved
         self.hparams = dict(self.resolved.kwargs)
         self.run_name = cfg.run_name or f"{self.spec.name}-lr{self.resolved.lr:g}-s{cfg.seed}"
+        self.sample_seed = SAMPLE_SEED + 1_000_003 * cfg.seed  # every seed samples from its own noise
+        cfg.init_seed = resolved_init_seed(cfg)  # once, here, so config.json records where the weights came from
         # `{run_name}` in --output_dir gives every run of a sweep its own folder
         cfg.output_dir = cfg.output_dir.replace("{run_name}", self.run_name)
         self.out = Path(cfg.output_dir)
@@ -117,6 +125,7 @@ class Trainer:
         cfg.lr_scheduler = resolve_lr_scheduler(cfg.lr_scheduler, self.spec.schedule_free)
         if cfg.lr_warmup_steps is None:
             cfg.lr_warmup_steps = default_warmup_steps(self.max_steps)
+        self.global_batch_size = cfg.train_batch_size * cfg.gradient_accumulation_steps * self.accelerator.num_processes
         self.lr_scheduler = build_lr_scheduler(cfg.lr_scheduler, self.optimizer, cfg.lr_warmup_steps,
                                                self.max_steps, cfg.lr_num_cycles)
         self.ema = build_ema(cfg, self.model)
@@ -135,7 +144,7 @@ class Trainer:
                                           self.accelerator.device)
         self.metrics = MetricsLog(self.accelerator, self.out, self.trackers)
         self.quality = build_quality(cfg, self.data)
-        self.validation_batch()  # frozen now: a validation set too small for the buckets fails before training
+        self.check_validation_set()
         # status.json for onlookers (a comparison's live view); written from start(), after every check passed
         self.status = RunStatus(self.out, self.run_name, self.max_steps, self.accelerator.is_main_process)
         self.probe = build_probe(cfg, self.data.validation, self.accelerator, self.model, self.noise_scheduler)
@@ -331,6 +340,7 @@ class Trainer:
             record.update(self.evaluate_quality())
         if record:
             record["elapsed_s"] = self.elapsed_before + time.perf_counter() - self.t_start
+            record["train/images_seen"] = self.step * self.global_batch_size
             self.metrics.log(record, self.step)
         if self._due(self.cfg.sample_steps) or last:
             self.sample_grid()
@@ -344,70 +354,79 @@ class Trainer:
     # ---- metrics ---------------------------------------------------------------------------------------
     def reduce_interval(self) -> dict[str, float]:
         """The interval's training metrics (one collective, one host copy) plus perf, optimizer and weights."""
-        acc, cfg = self.accelerator, self.cfg
+        acc = self.accelerator
         record = self.train_metrics.reduce(lambda t: acc.reduce(t, reduction="sum"), acc.num_processes)
         seconds = max(time.perf_counter() - self.t_interval_start, 1e-9)
         steps = self.step - self.train_metrics.first_step
-        images = steps * cfg.train_batch_size * cfg.gradient_accumulation_steps * acc.num_processes
+        images = steps * self.global_batch_size
         record.update({
             **group_lrs(self.optimizer.param_groups, self.lr_scheduler.get_last_lr(), self.hparams["lr"],
                         self.routing_keys),
             "train/nonfinite_steps": self.nonfinite_total,
             "perf/images_per_sec": images / seconds,
             **({"perf/compile_s": self.compile_s} if self.compile_s is not None else {}),
-            "perf/peak_memory_mb": peak_memory_mb(acc.device),
-            "optim/state_mb": optimizer_state_bytes(self.optimizer.optimizer) / 2**20,
+            **peak_memory(acc.device),
+            **self._state_size(),
             "train/param_norm": param_norm(self.model.parameters()),
         })
         if self.update_ratio is not None:
             record["train/update_ratio"] = self.update_ratio
-        effective = self.spec.effective_lr(self.optimizer.optimizer) if self.spec.effective_lr else None
+        effective = self.spec.effective_lr(self.optimizer.optimizer)
+        if effective is None and not self.spec.lr_is_multiplier:
+            effective = record["train/lr"]  # the step size actually applied, under one key for every optimizer
         if effective is not None:
             record["train/effective_lr"] = float(effective)
         self.compile_s = None  # once per process: a resumed run logs its own compile
         self._reset_interval()
         return record
 
+    def _state_size(self) -> dict[str, float]:
+        """Optimizer state in MB and in bytes per trained parameter (8 for Adam in fp32, 0 for plain SGD)."""
+        optimizer = self.optimizer.optimizer
+        state = optimizer_state_bytes(optimizer)
+        trained = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+        return {"optim/state_mb": state / 2**20, "optim/state_bytes_per_param": state / max(trained, 1)}
+
     def _reset_interval(self) -> None:
         self.train_metrics.reset_interval(first_step=self.step)
         self.update_ratio = None
         self.t_interval_start = time.perf_counter()
 
-    @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Loss per timestep bucket on the fixed held-out images with frozen noise and timesteps."""
-        cfg, acc = self.cfg, self.accelerator
-        images, noise, timesteps = self.validation_batch()
-        if len(images) == 0:
+        """val/* of the weights that sample (EMA when on); with EMA also val_raw/* of the raw weights."""
+        if len(self.data.validation) == 0:
             return {}
-        shard = slice(acc.process_index, None, acc.num_processes)
-        meter = BucketMeter(cfg.num_timestep_buckets, cfg.ddpm_num_steps, acc.device)
-        with self.eval_mode():
-            unet = acc.unwrap_model(self.model)
-            for chunk in torch.arange(len(images))[shard].split(cfg.train_batch_size):
-                x, n, t = images[chunk].to(acc.device), noise[chunk].to(acc.device), timesteps[chunk].to(acc.device)
-                with acc.autocast():
-                    pred = unet(self.noise_scheduler.add_noise(x, n, t), t).sample
-                meter.update(per_sample_mse(pred, training_target(self.noise_scheduler, x, n, t)), t)
-        k = cfg.num_timestep_buckets
-        total = acc.reduce(torch.cat([meter.sums.float(), meter.counts.float()]), reduction="sum").cpu()
-        sums, counts = total[:k], total[k:]
-        record = {"val/loss": float(sums.sum() / counts.sum().clamp_min(1))}
-        record.update(zip(bucket_keys(cfg.ddpm_num_steps, k, "val_t"), bucket_means(sums, counts).tolist()))
+        with self.sampling_weights() as unet:
+            record = self.validation_loss(unet)
+        if self.ema is not None:
+            with self.eval_mode():
+                raw = self.validation_loss(self.accelerator.unwrap_model(self.model))
+            record.update({raw_key(k): v for k, v in raw.items()})
         return record
 
-    def validation_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Held-out images with noise and bucket-stratified timesteps frozen by VALIDATION_SEED."""
-        if not hasattr(self, "_validation"):
-            images = self.data.validation
-            g = torch.Generator().manual_seed(VALIDATION_SEED)
-            noise = torch.randn(images.shape, generator=g)
-            t = stratified_timesteps(len(images), self.cfg.ddpm_num_steps, self.cfg.num_timestep_buckets, g)
-            self._validation = (images, noise, t)
-        return self._validation
+    @torch.no_grad()
+    def validation_loss(self, unet) -> dict[str, float]:
+        """Loss and its standard error per timestep bucket over every frozen draw of the held-out images."""
+        cfg, acc = self.cfg, self.accelerator
+        meter = ValidationMeter(cfg.num_timestep_buckets, cfg.ddpm_num_steps, acc.device)
+        for x, n, t in validation_batches(self.data.validation, cfg.num_validation_draws, cfg.ddpm_num_steps,
+                                          cfg.num_timestep_buckets, acc.process_index, acc.num_processes,
+                                          cfg.train_batch_size):
+            x, n, t = x.to(acc.device), n.to(acc.device, x.dtype), t.to(acc.device)
+            with acc.autocast():
+                pred = unet(self.noise_scheduler.add_noise(x, n, t), t).sample
+            meter.update(per_sample_mse(pred, training_target(self.noise_scheduler, x, n, t)), t)
+        return validation_record(acc.reduce(meter.state(), reduction="sum"), cfg.ddpm_num_steps)
+
+    def check_validation_set(self) -> None:
+        """A validation set too small for the timestep buckets fails before training, not at the first validation."""
+        if self.cfg.num_validation_draws < 1:
+            raise UserError(f"--num_validation_draws must be at least 1, got {self.cfg.num_validation_draws}")
+        if len(self.data.validation):
+            validation_draw(self.data.validation.shape, 0, self.cfg.ddpm_num_steps, self.cfg.num_timestep_buckets)
 
     def evaluate_quality(self) -> dict[str, float]:
-        """Sample-quality metrics (eval/*) on num_eval_samples fixed-seed samples; main process only."""
+        """eval/* of the sampling weights, eval_raw/* of the raw ones when EMA is on, and eval_floor/*; main process."""
         if self.quality is None:
             return {}
         result: dict[str, float] = {}
@@ -415,9 +434,12 @@ class Trainer:
             detail = f"{self.cfg.num_eval_samples} samples x {self.cfg.num_inference_steps} DDPM steps"
             with self.status.phase("quality evaluation", detail, self.step):
                 with self.sampling_weights() as unet:
-                    samples = generate_images(unet, self.noise_scheduler, self.cfg.num_eval_samples,
-                                              SAMPLE_SEED + 1, self.cfg.num_inference_steps, self.accelerator)
-                result = self.quality.evaluate(samples)
+                    result = self.quality.evaluate(self.eval_samples(unet))
+                if self.ema is not None:
+                    with self.eval_mode():
+                        raw = self.quality.evaluate(self.eval_samples(self.accelerator.unwrap_model(self.model)))
+                    result.update({raw_key(k): v for k, v in raw.items()})
+                result.update(self.quality.floor(self.cfg.num_eval_samples))
         self.accelerator.wait_for_everyone()
         return result
 
@@ -428,13 +450,18 @@ class Trainer:
                 save_pipeline(unet, self.noise_scheduler, self.out)
         self.accelerator.wait_for_everyone()
 
+    def eval_samples(self, unet) -> torch.Tensor:
+        """num_eval_samples samples from the seed's own sampling noise (the same for EMA and raw weights)."""
+        return generate_images(unet, self.noise_scheduler, self.cfg.num_eval_samples, self.sample_seed + 1,
+                               self.cfg.num_inference_steps, self.accelerator)
+
     def sample_grid(self) -> None:
         """The fixed-seed sample grid (EMA weights when EMA is on), saved as PNG and sent to the trackers."""
         if self.accelerator.is_main_process:
             name = "final sampling" if self.step == self.max_steps else "sampling"
             detail = f"{self.cfg.num_samples} images x {self.cfg.num_inference_steps} DDPM steps"
             with self.status.phase(name, detail, self.step), self.sampling_weights() as unet:
-                samples = generate_images(unet, self.noise_scheduler, self.cfg.num_samples, SAMPLE_SEED,
+                samples = generate_images(unet, self.noise_scheduler, self.cfg.num_samples, self.sample_seed,
                                           self.cfg.num_inference_steps, self.accelerator)
             grid = images_to_grid(samples)
             path = self.out / "samples" / f"step_{self.step:06d}.png"
@@ -723,7 +750,8 @@ def register_ema_hooks(accelerator: Accelerator, ema) -> None:
 def build_quality(cfg: TrainConfig, data):
     from diffusers_optim.metrics.quality import build_quality_metric
 
-    return build_quality_metric(data.name, cfg.inception_weights, data.validation)
+    return build_quality_metric(data.name, cfg.inception_weights, data.validation,
+                                num_samples=cfg.num_eval_samples)
 
 
 def steps_per_epoch(cfg: TrainConfig, num_images: int, num_processes: int) -> int:
@@ -837,10 +865,12 @@ def package_versions() -> dict[str, str]:
     return found
 
 
-def peak_memory_mb(device: torch.device) -> float:
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak memory allocated on the GPU, or on CPU the whole process's peak resident memory, under its own key."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        return {"perf/device_peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+    # on CPU, no allocator counts the model's tensors apart: name it for what it is, not "the optimizer's memory"
+    return {"perf/process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
 
 
 def save_pipeline(unet, noise_scheduler, out: Path) -> None:

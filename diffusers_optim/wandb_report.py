@@ -100,7 +100,7 @@ def build_report(
     overview = [
         line_plot(wr, "val/loss", "validation loss", True, x=0),
         line_plot(wr, "train/grad_norm", "gradient norm (before clipping)", True, x=8),
-        line_plot(wr, "train/lr", "learning rate", x=16),
+        line_plot(wr, "train/effective_lr", "step size (effective lr: d*lr for Prodigy)", True, x=16),
     ]
     samples = [
         wr.MediaBrowser(

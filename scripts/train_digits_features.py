@@ -2,8 +2,8 @@
 
     python scripts/train_digits_features.py            # rewrites digits_features.safetensors and .json
 
-Trains on the train split of `diffusers_optim.digits.digits_split()` only; the held-out split is the
-reference of the quality metrics and is used here only to report accuracy.
+Trains on the train split of `diffusers_optim.digits.digits_split()` only (also the quality metrics' reference);
+the held-out split gives the metrics' floor and is used here only to report accuracy.
 """
 
 from __future__ import annotations

@@ -1,17 +1,24 @@
-"""Sample quality that works offline: Fréchet distance, KID and class statistics of generated images.
+"""Sample quality that works offline: FD, KID, precision/recall/density/coverage and class statistics.
 
-Two feature networks, one interface (`.name`, `.evaluate(samples) -> dict[str, float]`):
+FD and KID are torchmetrics' `FrechetInceptionDistance` and `KernelInceptionDistance` with our own feature
+network passed as `feature=`; precision, recall, density and coverage (Kynkäänniemi et al. 2019, Naeem et al.
+2020) are the reference implementation of the latter paper (`prdc`). Two feature networks, one interface
+(`.name`, `.evaluate(samples) -> dict`, `.floor(num_samples) -> dict`):
 - digits: a small CNN that ships with the package (`assets/digits_features.safetensors`, trained on the
-  train split only by `scripts/train_digits_features.py`); the reference is the whole held-out split.
+  train split only by `scripts/train_digits_features.py`). The reference is the training split (what the
+  diffusion model learns); the floor is the held-out split, which neither network ever trains on.
 - anything else: a user-provided Inception TorchScript file (`--inception_weights PATH`), e.g. NVlabs'
   `inception-2015-12-05.pt`, called as `net(uint8 images (N, 3, H, W), return_features=True) -> (N, 2048)`
-  (the file resizes to 299x299 itself). Nothing is ever downloaded.
+  (the file resizes to 299x299 itself), against the validation images. Nothing is ever downloaded.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Protocol
 
@@ -24,20 +31,18 @@ from diffusers_optim.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-ArrayLike = np.ndarray | torch.Tensor
-
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 DIGITS_WEIGHTS = ASSETS_DIR / "digits_features.safetensors"
 DIGITS_RESOLUTION = 8
 NUM_CLASSES = 10
-# A sample counts as "confident" when the digits classifier gives its top class at least this probability:
-# real held-out digits clear it ~97% of the time, noise and blurry mixtures of digits rarely do.
-CONFIDENCE_THRESHOLD = 0.9
 # A class is "covered" when at least this share of samples (and at least one sample) is predicted as it.
 COVERAGE_MIN_FRAC = 0.01
 KID_NUM_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
-EVAL_SEED = 0  # fixed, so every run (and every optimizer) is scored on the same KID subsets
+NEAREST_K = 5  # the k of the k-nearest-neighbour balls of precision/recall/density/coverage (the papers' choice)
+MIN_SAMPLES = NEAREST_K + 2  # prdc partitions each row of distances at index k + 1 (itself and k neighbours)
+FLOOR_DRAWS = 10  # the floor is the mean over this many random subsets of the real images
+EVAL_SEED = 0  # fixed, so every run (and every optimizer) is scored on the same KID subsets and floor subsets
 
 
 class QualityMetric(Protocol):
@@ -47,113 +52,91 @@ class QualityMetric(Protocol):
 
     def evaluate(self, samples: torch.Tensor) -> dict[str, float]: ...
 
-
-# ---- pure maths ---------------------------------------------------------------------------------
-
-
-def feature_stats(feats: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean (D,) and unbiased covariance (D, D) of features (N, D), in float64."""
-    feats = _as_float64(feats)
-    if feats.ndim != 2 or len(feats) < 2:
-        raise ValueError(f"feature_stats needs features of shape (N >= 2, D), got {tuple(feats.shape)}")
-    return feats.mean(dim=0), torch.cov(feats.T)
+    def floor(self, num_samples: int) -> dict[str, float]: ...
 
 
-def _sqrtm_psd(matrix: torch.Tensor) -> torch.Tensor:
-    """Square root of a symmetric positive semi-definite matrix (tiny negative eigenvalues clipped)."""
-    eigvals, eigvecs = torch.linalg.eigh((matrix + matrix.T) / 2)
-    return (eigvecs * eigvals.clamp(min=0).sqrt()) @ eigvecs.T
+# ---- the metrics, on any feature extractor --------------------------------------------------------------
 
 
-def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike) -> float:
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2).
+class FeatureDistances:
+    """FD and KID (torchmetrics) and precision/recall/density/coverage (prdc) against fixed reference images.
 
-    d^2 = |mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr((s1 s2)^1/2).
+    `extractor` maps images (N, C, H, W) in [-1, 1] to features (N, D) and has a `num_features` attribute.
     """
-    mu1, sigma1, mu2, sigma2 = (_as_float64(a) for a in (mu1, sigma1, mu2, sigma2))
-    # tr((s1 s2)^1/2) = tr((r s2 r)^1/2) with r = s1^1/2. The right side is symmetric PSD, so an eigen
-    # decomposition gives it exactly, with no complex parts to discard (scipy's sqrtm of the non-symmetric
-    # s1 s2 returns small imaginary noise and can fail on singular covariances).
-    root1 = _sqrtm_psd(sigma1)
-    inner = root1 @ sigma2 @ root1
-    tr_covmean = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp(min=0).sqrt().sum()
-    distance = (mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * tr_covmean
-    return max(distance.item(), 0.0)  # equal inputs can round to -1e-12
+
+    def __init__(self, extractor: nn.Module, reference_images: torch.Tensor, fd_key: str,
+                 device: str | torch.device = "cpu"):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.kid import KernelInceptionDistance
+
+        self.extractor, self.fd_key, self.device = extractor.to(device).eval(), fd_key, torch.device(device)
+        self.extractor.requires_grad_(False)
+        # sync_on_compute=False: one process scores the samples it holds; there is nothing to gather
+        common = dict(feature=self.extractor, reset_real_features=False, sync_on_compute=False)
+        self.fd = FrechetInceptionDistance(**common).to(self.device)
+        with warnings.catch_warnings():  # "will save all extracted features": a few thousand small vectors here
+            warnings.simplefilter("ignore", UserWarning)
+            self.kid = KernelInceptionDistance(subsets=KID_NUM_SUBSETS, subset_size=KID_SUBSET_SIZE, **common)
+        self.kid.to(self.device)
+        with torch.no_grad():
+            for batch in reference_images.split(256):
+                self.fd.update(batch.to(self.device), real=True)
+                self.kid.update(batch.to(self.device), real=True)
+        self.reference_features = self.features(reference_images).numpy()
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Features (N, D) of images in [-1, 1], as float32 on the CPU."""
+        return torch.cat([self.extractor(b.to(self.device)).float().cpu() for b in images.split(256)])
+
+    @torch.no_grad()
+    def evaluate(self, images: torch.Tensor) -> dict[str, float]:
+        """FD, KID, precision, recall, density and coverage of `images` against the reference."""
+        self.fd.reset()  # keeps the reference (reset_real_features=False), drops the previous samples
+        self.kid.reset()
+        for batch in images.split(256):
+            self.fd.update(batch.to(self.device), real=False)
+            self.kid.update(batch.to(self.device), real=False)
+        # torchmetrics' KID draws its subsets from the global RNG: fork it, so scores are reproducible and
+        # training's random state is untouched; subsets cannot be larger than the smaller set
+        self.kid.subset_size = min(KID_SUBSET_SIZE, len(images), len(self.reference_features))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(EVAL_SEED)
+            kid_mean, _ = self.kid.compute()
+        return {self.fd_key: float(self.fd.compute()), "eval/kid": float(kid_mean),
+                **precision_recall(self.reference_features, self.features(images).numpy())}
 
 
-def _poly_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (x @ y.T / x.shape[1] + 1) ** 3
+def precision_recall(real: np.ndarray, fake: np.ndarray) -> dict[str, float]:
+    """eval/precision, eval/recall, eval/density, eval/coverage of fake features (N, D) against real ones."""
+    # torchmetrics has no generative precision/recall and torch-fidelity's needs torchvision: use the
+    # authors' own reference implementation (it prints the set sizes, which we keep out of the logs)
+    from prdc import compute_prdc
 
-
-def _subset_kernel_sums(x: torch.Tensor, y: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor) -> torch.Tensor:
-    """For each row of the 0/1 subset masks sx (S, Nx), sy (S, Ny): the sum of k(x_i, y_j) over the subset."""
-    # sum_ij sx_i K_ij sy_j for all subsets at once: one kernel pass, in row chunks to bound memory.
-    acc = torch.zeros(len(sx), len(y), dtype=x.dtype)
-    for rows in torch.arange(len(x)).split(1024):
-        acc += sx[:, rows] @ _poly_kernel(x[rows], y)
-    return (acc * sy).sum(dim=1)
-
-
-def _subset_masks(n: int, m: int, num_subsets: int, generator: torch.Generator) -> torch.Tensor:
-    """0/1 masks (num_subsets, n), each row choosing m of n items without replacement."""
-    chosen = torch.rand(num_subsets, n, generator=generator).argsort(dim=1)[:, :m]
-    return torch.zeros(num_subsets, n, dtype=torch.float64).scatter_(1, chosen, 1.0)
-
-
-def kernel_inception_distance(
-    feats_a: ArrayLike,
-    feats_b: ArrayLike,
-    num_subsets: int = KID_NUM_SUBSETS,
-    subset_size: int = KID_SUBSET_SIZE,
-    seed: int = EVAL_SEED,
-) -> float:
-    """KID: unbiased MMD^2 with the kernel (x.y / d + 1)^3, averaged over random subsets of both sets.
-
-    The subset size shrinks to the smaller set when either has fewer features than `subset_size`.
-    """
-    a, b = _as_float64(feats_a), _as_float64(feats_b)
-    m = min(len(a), len(b), subset_size)
-    if m < 2:
-        raise ValueError(f"KID needs at least 2 features in each set, got {len(a)} and {len(b)}")
-    generator = torch.Generator().manual_seed(seed)
-    sa = _subset_masks(len(a), m, num_subsets, generator)
-    sb = _subset_masks(len(b), m, num_subsets, generator)
-    # the unbiased estimate leaves out k(x_i, x_i): subtract each subset's share of the kernel's diagonal
-    within_a = _subset_kernel_sums(a, a, sa, sa) - sa @ (a.square().mean(dim=1) + 1) ** 3
-    within_b = _subset_kernel_sums(b, b, sb, sb) - sb @ (b.square().mean(dim=1) + 1) ** 3
-    across = _subset_kernel_sums(a, b, sa, sb)
-    mmd2 = (within_a + within_b) / (m * (m - 1)) - 2 * across / (m * m)
-    return mmd2.mean().item()
+    with contextlib.redirect_stdout(io.StringIO()):
+        scores = compute_prdc(real_features=real, fake_features=fake, nearest_k=NEAREST_K)
+    return {f"eval/{name}": float(scores[name]) for name in ("precision", "recall", "density", "coverage")}
 
 
 def class_statistics(probs: torch.Tensor) -> dict[str, float]:
-    """Confident share, entropy (nats) of the predicted-class histogram and classes covered, from (N, K) probs."""
-    top_prob, predicted = probs.max(dim=1)
+    """Entropy (nats) of the predicted-class histogram and the classes covered, from (N, K) class probabilities."""
+    predicted = probs.argmax(dim=1)
     counts = torch.bincount(predicted, minlength=probs.shape[1]).double()
     freq = counts / counts.sum()
     entropy = -(freq[freq > 0] * freq[freq > 0].log()).sum()
     min_count = max(1, math.ceil(COVERAGE_MIN_FRAC * len(probs)))
-    return {
-        "eval/confident_frac": (top_prob >= CONFIDENCE_THRESHOLD).double().mean().item(),
-        "eval/class_entropy": entropy.item(),
-        "eval/classes_covered": float((counts >= min_count).sum().item()),
-    }
-
-
-def _as_float64(x: ArrayLike) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return x.detach().to("cpu", torch.float64)
-    return torch.as_tensor(np.asarray(x), dtype=torch.float64)
+    return {"eval/class_entropy": abs(entropy.item()),  # abs: -0.0 for one class
+            "eval/classes_covered": float((counts >= min_count).sum().item())}
 
 
 def _check_num_samples(samples: torch.Tensor) -> None:
-    if len(samples) < 2:
-        raise UserError(
-            f"sample-quality metrics need at least 2 samples, got {len(samples)}: raise --num_eval_samples"
-        )
+    if len(samples) < MIN_SAMPLES:
+        raise UserError(f"sample-quality metrics need at least {MIN_SAMPLES} samples (k-nearest neighbours with "
+                        f"k={NEAREST_K}), got {len(samples)}: raise --num_eval_samples")
 
 
 def _check_images(samples: torch.Tensor) -> torch.Tensor:
+    """Images as float in [-1, 1]; NaN/inf (a diverged model) become finite with one warning."""
     if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
         shape = getattr(samples, "shape", type(samples).__name__)
         raise ValueError(f"expected images as a tensor (N, C, H, W) in [-1, 1], got {shape}")
@@ -187,59 +170,82 @@ class DigitsFeatureNet(nn.Module):
         return self.head(self.features(x))
 
 
-def to_digits_input(samples: torch.Tensor) -> torch.Tensor:
-    """Images (N, C, R, R) in [-1, 1] at any R -> (N, 1, 8, 8): area-downsampled, channels averaged."""
-    x = _check_images(samples).mean(dim=1, keepdim=True)
+def to_digits_input(images: torch.Tensor) -> torch.Tensor:
+    """Finite images (N, C, R, R) in [-1, 1] at any R -> (N, 1, 8, 8): area-downsampled, channels averaged."""
+    x = images.float().clamp(-1, 1).mean(dim=1, keepdim=True)
     if x.shape[-2:] != (DIGITS_RESOLUTION, DIGITS_RESOLUTION):
         x = F.interpolate(x, size=(DIGITS_RESOLUTION, DIGITS_RESOLUTION), mode="area")
     return x
 
 
-def heldout_digits() -> tuple[torch.Tensor, torch.Tensor]:
-    """All held-out digits as (N, 1, 8, 8) in [-1, 1], and their labels."""
+def digits_split_images(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split ("train" or "heldout") of the digits as (N, 1, 8, 8) in [-1, 1], and its labels."""
     from diffusers_optim.digits import digits_split
 
-    split = digits_split()
-    images = torch.from_numpy(split["heldout_images"]).unsqueeze(1) * 2 - 1
-    return images, torch.from_numpy(split["heldout_labels"]).long()
+    data = digits_split()
+    images = torch.from_numpy(data[f"{split}_images"]).unsqueeze(1) * 2 - 1
+    return images, torch.from_numpy(data[f"{split}_labels"]).long()
+
+
+def heldout_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """All held-out digits as (N, 1, 8, 8) in [-1, 1], and their labels."""
+    return digits_split_images("heldout")
+
+
+class DigitsFeatures(nn.Module):
+    """The digits network's penultimate features, scaled so real digits have mean square 1 per dimension."""
+
+    def __init__(self, net: DigitsFeatureNet, scale: float = 1.0):
+        super().__init__()
+        self.net, self.scale = net, scale
+        self.num_features = net.fc.out_features  # torchmetrics reads it instead of probing a 299x299 image
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net.features(to_digits_input(images)) / self.scale
 
 
 class DigitsQuality:
-    """FD, KID and class statistics of generated digits, in the shipped feature network's space."""
+    """Sample quality of generated digits in the shipped feature network's space, against the training split."""
 
     name = "digits"
 
     def __init__(self, net: DigitsFeatureNet, device: str | torch.device = "cpu"):
-        self.device = torch.device(device)
-        self.net = net.to(self.device).eval()
-        self.feature_scale = 1.0  # raw features first, to measure the scale
-        reference = self.logits_and_features(heldout_digits()[0])[1]
-        # Scale features so the real digits have mean square 1 per dimension, as Inception's pool features
-        # roughly do: the KID kernel (x.y / d + 1)^3 then sees O(1) inner products instead of O(40).
-        self.feature_scale = reference.square().mean().sqrt().item()
-        self.reference_features = reference / self.feature_scale
-        self.reference_stats = feature_stats(self.reference_features)
+        reference = digits_split_images("train")[0]
+        self.net = net.eval()
+        with torch.no_grad():
+            raw = net.features(to_digits_input(reference))
+        # Inception's pool features have O(1) entries; ours are scaled to match, so KID's kernel
+        # (x.y / d + 1)^3 sees O(1) inner products instead of O(40)
+        self.features = DigitsFeatures(net, raw.square().mean().sqrt().item())
+        self.distances = FeatureDistances(self.features, reference, "eval/fd", device)
+        self.floor_images = heldout_digits()[0]
+        self._floors: dict[int, dict[str, float]] = {}
 
     @classmethod
     def from_package(cls, device: str | torch.device = "cpu") -> DigitsQuality:
         """The feature network whose weights ship in `diffusers_optim/assets`."""
         return cls(load_digits_feature_net(), device=device)
 
-    @torch.no_grad()
-    def logits_and_features(self, samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Class logits (N, 10) and scaled penultimate features (N, 64) of images in [-1, 1], on the CPU."""
-        feats = self.net.features(to_digits_input(samples).to(self.device))
-        return self.net.head(feats).cpu(), feats.cpu().double() / self.feature_scale
-
     def evaluate(self, samples: torch.Tensor) -> dict[str, float]:
-        """eval/fd, eval/kid, eval/confident_frac, eval/class_entropy, eval/classes_covered of the samples."""
+        """eval/fd, eval/kid, eval/precision, eval/recall, eval/density, eval/coverage and class statistics."""
         _check_num_samples(samples)
-        logits, feats = self.logits_and_features(samples)
-        return {
-            "eval/fd": frechet_distance(*feature_stats(feats), *self.reference_stats),
-            "eval/kid": kernel_inception_distance(feats, self.reference_features),
-            **class_statistics(logits.softmax(dim=1)),
-        }
+        samples = _check_images(samples)
+        with torch.no_grad():
+            probs = self.net(to_digits_input(samples).to(self.distances.device)).softmax(dim=1).cpu()
+        return {**self.distances.evaluate(samples), **class_statistics(probs)}
+
+    def floor(self, num_samples: int) -> dict[str, float]:
+        """eval_floor/*: the metrics of real held-out digits at the same sample count (mean of a few subsets)."""
+        n = max(MIN_SAMPLES, min(num_samples, len(self.floor_images)))
+        if n not in self._floors:
+            g = torch.Generator().manual_seed(EVAL_SEED)
+            draws = [self.evaluate(self.floor_images[torch.randperm(len(self.floor_images), generator=g)[:n]])
+                     for _ in range(FLOOR_DRAWS)]
+            floor = {k.replace("eval/", "eval_floor/", 1): float(np.mean([d[k] for d in draws])) for k in draws[0]}
+            # how much FD moves between equally good sample sets of this size: smaller gaps are noise
+            fd_sd = float(np.std([d["eval/fd"] for d in draws], ddof=1))
+            self._floors[n] = {**floor, "eval_floor/fd_sd": fd_sd, "eval_floor/num_samples": float(n)}
+        return self._floors[n]
 
 
 def load_digits_feature_net(path: str | Path = DIGITS_WEIGHTS) -> DigitsFeatureNet:
@@ -260,62 +266,58 @@ def load_digits_feature_net(path: str | Path = DIGITS_WEIGHTS) -> DigitsFeatureN
 # ---- Inception (user-provided weights) -------------------------------------------------------------
 
 
-class InceptionFID:
-    """FID and KID with a TorchScript Inception file on disk, against fixed reference images."""
+class TorchScriptFeatures(nn.Module):
+    """A TorchScript Inception file as a feature extractor: images in [-1, 1] in, fed to it as uint8 RGB."""
 
-    name = "inception"
-
-    def __init__(
-        self,
-        weights_path: str | Path,
-        reference_images: torch.Tensor,
-        device: str | torch.device = "cpu",
-        batch_size: int = 64,
-    ):
-        self.weights_path = Path(weights_path)
-        self.device = torch.device(device)
-        self.batch_size = batch_size
-        self.net = _load_torchscript(self.weights_path, self.device)
+    def __init__(self, weights_path: Path, device: torch.device):
+        super().__init__()
+        self.weights_path = weights_path
+        self.net = _load_torchscript(weights_path, device)
         self._kwargs = {"return_features": True} if _accepts(self.net, "return_features") else {}
-        self.reference_features = self.features(reference_images)
-        self.reference_stats = feature_stats(self.reference_features)
-        if len(self.reference_features) <= self.reference_features.shape[1]:
-            logger.warning(
-                "FID reference has %d images for %d-d features: its covariance is singular, so FID is "
-                "biased upwards; compare runs only against the same reference.",
-                *self.reference_features.shape,
-            )
+        self.num_features = 0  # set from the first reference batch
 
-    @torch.no_grad()
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Features (N, D) of images (N, C, H, W) in [-1, 1], fed to the network as uint8 RGB."""
-        images = _check_images(images)
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.float().clamp(-1, 1)
         if images.shape[1] == 1:
             images = images.repeat(1, 3, 1, 1)
         images = ((images + 1) * 127.5).round().to(torch.uint8)
-        chunks = []
-        for batch in images.split(self.batch_size):
-            try:
-                feats = self.net(batch.to(self.device), **self._kwargs)
-            except Exception as err:  # TorchScript raises plain RuntimeErrors for every kind of mismatch
-                raise UserError(
-                    f"--inception_weights {self.weights_path} failed on uint8 images {tuple(batch.shape)}: "
-                    f"{str(err).strip().splitlines()[0]}"
-                ) from err
-            chunks.append(feats.reshape(len(batch), -1).float().cpu())
-        return _as_float64(torch.cat(chunks))
+        try:
+            feats = self.net(images, **self._kwargs)
+        except Exception as err:  # TorchScript raises plain RuntimeErrors for every kind of mismatch
+            raise UserError(
+                f"--inception_weights {self.weights_path} failed on uint8 images {tuple(images.shape)}: "
+                f"{str(err).strip().splitlines()[0]}"
+            ) from err
+        return feats.reshape(len(images), -1).float()
+
+
+class InceptionFID:
+    """FID, KID and precision/recall with a TorchScript Inception file on disk, against the validation images."""
+
+    name = "inception"
+
+    def __init__(self, weights_path: str | Path, reference_images: torch.Tensor,
+                 device: str | torch.device = "cpu"):
+        device = torch.device(device)
+        extractor = TorchScriptFeatures(Path(weights_path), device)
+        with torch.no_grad():
+            extractor.num_features = extractor(_check_images(reference_images[:2]).to(device)).shape[1]
+        self.distances = FeatureDistances(extractor, _check_images(reference_images), "eval/fid", device)
+        if len(reference_images) <= extractor.num_features:
+            logger.warning(
+                "FID reference has %d images for %d-d features: its covariance is singular, so FID is "
+                "biased upwards; compare runs only against the same reference.",
+                len(reference_images), extractor.num_features,
+            )
 
     def evaluate(self, samples: torch.Tensor) -> dict[str, float]:
-        """eval/fid and eval/kid of the samples against the reference images."""
+        """eval/fid, eval/kid, eval/precision, eval/recall, eval/density, eval/coverage."""
         _check_num_samples(samples)
-        feats = self.features(samples)
-        mu, sigma = feature_stats(feats)
-        return {
-            "eval/fid": frechet_distance(mu, sigma, *self.reference_stats),
-            "eval/kid": kernel_inception_distance(feats, self.reference_features),
-        }
+        return self.distances.evaluate(_check_images(samples))
 
-
+    def floor(self, num_samples: int) -> dict[str, float]:
+        """No floor: every real image at hand is in the reference, so none is left to score against it."""
+        return {}
 def _load_torchscript(path: Path, device: torch.device) -> torch.jit.ScriptModule:
     if not path.is_file():
         raise UserError(f"--inception_weights {path} does not exist (expected a TorchScript .pt file)")
@@ -344,8 +346,15 @@ def build_quality_metric(
     inception_weights: str | None,
     reference_images: torch.Tensor | None,
     device: str | torch.device = "cpu",
+    num_samples: int = MIN_SAMPLES,
 ) -> QualityMetric | None:
-    """The sample-quality metric for a data set: digits' own network, Inception FID, or None (logged once)."""
+    """The sample-quality metric for a data set: digits' own network, Inception FID, or None (logged once).
+
+    Checks `num_samples` (--num_eval_samples) now, so a run does not fail at its end, after training.
+    """
+    if (dataset_name in (None, "digits") or inception_weights) and num_samples < MIN_SAMPLES:
+        raise UserError(f"--num_eval_samples must be at least {MIN_SAMPLES} (precision/recall use the "
+                        f"{NEAREST_K} nearest neighbours of each sample), got {num_samples}")
     if dataset_name in (None, "digits"):
         if inception_weights:
             logger.warning(
@@ -353,9 +362,9 @@ def build_quality_metric(
             )
         return DigitsQuality.from_package(device=device)
     if inception_weights:
-        if reference_images is None or len(reference_images) < 2:
+        if reference_images is None or len(reference_images) < MIN_SAMPLES:
             raise UserError(
-                "FID needs at least 2 reference (validation) images; raise --num_validation_images"
+                f"FID needs at least {MIN_SAMPLES} reference (validation) images; raise --num_validation_images"
             )
         return InceptionFID(inception_weights, reference_images, device=device)
     logger.info(

@@ -153,6 +153,15 @@ def status_cell(status: str, ok: str = "ok") -> str:
 
 # ---- tables --------------------------------------------------------------------------------------
 
+# GPU runs log the device's peak allocation; CPU runs only the whole process's peak resident memory
+MEMORY_COLUMNS = (("perf/device_peak_memory_mb", "GPU peak MB"), ("perf/process_peak_rss_mb", "process RSS MB"))
+
+
+def memory_column(rows: list[dict[str, Any]]) -> tuple[str, str]:
+    """The memory key these rows have, and a header that says which memory it is."""
+    return next((c for c in MEMORY_COLUMNS if any(is_number(r.get(c[0])) for r in rows)), MEMORY_COLUMNS[-1])
+
+
 def verdict(row: dict[str, Any]) -> str:
     """best | tied (not resolved from the best) | resolved (the interval of the difference excludes 0)."""
     if row.get("best"):
@@ -166,14 +175,15 @@ def ranking_table(summary: dict[str, Any]) -> Table:
     """One row per arm in rank order: the ranking metric with its interval and the paired gap to the best."""
     metric = summary["rank_by"]
     others = [k for k in ("val/loss", "train/loss", "eval/fd") if k != metric]
-    costs = ["perf/images_per_sec", "perf/peak_memory_mb", "optim/state_mb", "nonfinite_steps", "loss_spikes"]
+    memory_key, memory_head = memory_column(summary["arms"])
+    costs = ["perf/images_per_sec", memory_key, "optim/state_bytes_per_param", "nonfinite_steps", "loss_spikes"]
     head = ["rank", "arm", "lr", "seeds ok", metric, "vs best (paired)", "verdict", *others]
     head += [
         "steps to target",
         "s to target",
         "img/s",
-        "peak MB",
-        "state MB",
+        memory_head,
+        "state B/param",
         "non-finite",
         "spikes",
         "clipped",
@@ -295,15 +305,16 @@ def intro_section(ctx: ReportContext) -> Section:
     return Section("What the seeds resolved", [*(Text(line) for line in findings(s)), Text(notes)])
 
 
-LOAD_DEPENDENT = {"s to target": "s to target*", "img/s": "img/s*", "peak MB": "peak MB*"}
+LOAD_DEPENDENT = {"s to target": "s to target*", "img/s": "img/s*", "GPU peak MB": "GPU peak MB*",
+                  "process RSS MB": "process RSS MB*"}
 
 
 def load_note(summary: dict[str, Any]) -> Text:
     """What the starred columns depend on, so nobody reads a busy machine's numbers as an optimizer's cost."""
     parallel = re.search(r"--num_parallel[ =](\d+)", summary.get("command") or "")
     shared = f"{parallel.group(1)} runs trained at a time here" if parallel else "other runs sharing the machine"
-    return Text(f"Starred columns depend on the machine and its load ({shared}; on CPU, peak MB is the whole "
-                "process): compare them within one comparison only.")
+    return Text(f"Starred columns depend on the machine and its load ({shared}; process RSS MB is the whole "
+                "process's memory, not the optimizer's): compare them within one comparison only.")
 
 
 def ranking_section(ctx: ReportContext) -> Section:
@@ -342,9 +353,11 @@ def heatmap_section(ctx: ReportContext) -> Section:
 
 
 def grad_lr_section(ctx: ReportContext) -> Section:
-    keys = ["train/grad_norm", "train/lr"]
+    # the step size actually applied (Prodigy's d*lr, not its multiplier); runs from before it was logged: lr
+    step = "train/effective_lr" if any("train/effective_lr" in rec for rec in ctx.records) else "train/lr"
+    keys = ["train/grad_norm", step]
     path = figures.plot_curves(ctx.runs, keys, ctx.figure_dir / "grad_norm_lr.png", "", styles=ctx.styles)
-    return Section("Gradient norm and learning rate", [Image(path, "grad norm and lr")])
+    return Section("Gradient norm and step size", [Image(path, "grad norm and step size")])
 
 
 def grids_section(ctx: ReportContext) -> Section:

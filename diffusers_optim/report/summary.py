@@ -102,8 +102,9 @@ def run_row(run: Run, target: float | None) -> dict[str, Any]:
     hit = time_to_target(recs, target) if target is not None else None
     row["target_step"], row["target_seconds"] = hit if hit else (None, None)
     row["perf/images_per_sec"] = mean_of(recs, "perf/images_per_sec")
-    row["perf/peak_memory_mb"] = max_of(recs, "perf/peak_memory_mb")
-    row["optim/state_mb"] = max_of(recs, "optim/state_mb")
+    for key in ("perf/device_peak_memory_mb", "perf/process_peak_rss_mb", "optim/state_mb",
+                "optim/state_bytes_per_param"):
+        row[key] = max_of(recs, key)
     nonfinite = run.summary.get("nonfinite_steps", last_value(recs, "train/nonfinite_steps"))
     row["nonfinite_steps"] = int(nonfinite) if is_number(nonfinite) else None
     row["loss_spikes"] = count_spikes(series(recs, "train/loss")[1]) if recs else None

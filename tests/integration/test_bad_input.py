@@ -146,6 +146,8 @@ CASES = [
     ),
     ("flag value of the wrong type", lambda f: ["--train_batch_size", "eight"], "invalid int value: 'eight'"),
     ("unknown --report_to", lambda f: ["--report_to", "wandbb"], "Did you mean 'wandb'?"),
+    ("too few eval samples", lambda f: ["--num_eval_samples", "3"], "--num_eval_samples must be at least 7"),
+    ("no validation draws", lambda f: ["--num_validation_draws", "0"], "--num_validation_draws must be at least 1"),
 ]
 
 

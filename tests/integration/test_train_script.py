@@ -75,7 +75,9 @@ def test_wandb_offline_run_has_every_metric_and_pipeline_loads(tmp_path):
     logged = set().union(*history)
     expected = {*bucket_names("loss_t"), *bucket_names("val_t"), "train/loss", "val/loss", "train/grad_norm",
                 "train/lr", "train/param_norm", "train/update_ratio", "perf/images_per_sec", "optim/state_mb",
-                "eval/fd", "eval/confident_frac", *probe_names()}
+                "train/effective_lr", "optim/state_bytes_per_param", "perf/process_peak_rss_mb", "train/images_seen",
+                "val/loss_se", *bucket_names("val_t_se"), "eval/fd", "eval/precision", "eval/recall",
+                "eval_floor/fd", *probe_names()}
     assert expected <= logged, expected - logged
     probed = [h for h in history if "grad_t/full_norm" in h]
     assert [h["train/step"] for h in probed] == [6, 12]  # AdamW's exp_avg exists by step 6: momentum keys too
@@ -113,7 +115,7 @@ def test_wandb_offline_run_has_every_metric_and_pipeline_loads(tmp_path):
 @pytest.mark.slow
 def test_resume_continues_as_if_never_stopped(tmp_path):
     common = ["--max_train_steps", "8", "--logging_steps", "2", "--validation_steps", "4", "--sample_steps", "0",
-              "--checkpointing_steps", "4", "--eval_steps", "0", "--num_eval_samples", "4", "--optimizer", "adamw",
+              "--checkpointing_steps", "4", "--eval_steps", "0", "--num_eval_samples", "8", "--optimizer", "adamw",
               "--use_ema"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_script([*common, "--output_dir", str(straight)])

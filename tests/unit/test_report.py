@@ -54,7 +54,7 @@ def write_run(
             "train/lr": lr,
             "train/clipped_fraction": 0.5 * (i % 2),
             "perf/images_per_sec": 100.0 + i,
-            "perf/peak_memory_mb": 50.0 + i,
+            "perf/process_peak_rss_mb": 50.0 + i,
             "optim/state_mb": 3.0,
         }
         lines.append(json.dumps(rec))
@@ -93,7 +93,7 @@ def test_summary_numbers_match_metrics(comparison: Path):
     run = by(summary["runs"], run="adamw-lr0.001-s1")
     assert run["val/loss"] == 0.40 and run["train/loss"] == pytest.approx(0.98)
     assert run[f"val_t/{BUCKETS[0]}"] == 0.80 and run["eval/fd"] == 7.0
-    assert run["steps"] == 30 and run["perf/peak_memory_mb"] == 52.0
+    assert run["steps"] == 30 and run["perf/process_peak_rss_mb"] == 52.0
     assert run["perf/images_per_sec"] == pytest.approx(101.0)
     assert run["clipped_fraction_mean"] == pytest.approx(0.5 / 3)
     adamw = by(summary["arms"], arm="adamw")
@@ -130,7 +130,7 @@ def test_reports_written_with_sections_and_embedded_images(comparison: Path):
     paths = report.summarize(comparison)
     text = paths["report_html"].read_text()
     titles = ["Ranking", "Validation loss by timestep bucket", "Final validation loss by timestep bucket"]
-    titles += ["Gradient norm and learning rate", "Final sample grids", "Runs", "Reproduce"]
+    titles += ["Gradient norm and step size", "Final sample grids", "Runs", "Reproduce"]
     for section in titles:
         assert f"<h2>{section}</h2>" in text
     # four figures + four sample grids, all inline; no external files referenced

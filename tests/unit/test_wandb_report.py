@@ -33,7 +33,7 @@ def test_dry_run_writes_panels_grouped_by_optimizer_and_filtered_by_group(tmp_pa
             {"key": {"section": "run", "name": "group"}, "op": "=", "value": "cmp-7", "disabled": False}
         ]
     metrics = [m for p in panels_of(spec) for m in p["config"].get("metrics", [])]
-    expected = ["val/loss", "train/grad_norm", "train/lr", "val_t/000-499", "val_t/500-999", "loss_t/000-499",
+    expected = ["val/loss", "train/grad_norm", "train/effective_lr", "val_t/000-499", "val_t/500-999", "loss_t/000-499",
                 "grad_t/norm/000-499", "grad_t/norm/500-999", "grad_t/cos/000-499__500-999", "grad_t/cos_mean",
                 "grad_t/update_cos/000-499", "grad_t/full_update_cos", "grad_t/full_momentum_cos"]
     assert set(expected) <= set(metrics)
