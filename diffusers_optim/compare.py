@@ -4,7 +4,8 @@
         --output_dir outputs/cmp [--grid lr_warmup_steps=0,100] [--lr_grid 0.3 1 3] [training flags...]
 
 An arm is one optimizer spec with one value of every --grid; every arm gets the same training flags, step
-budget and seed list, so only what names the arm differs. Each run is its own trainer process (or
+budget and seed list, so only what names the arm differs (the trainer derives data order, noise, timesteps,
+sampling noise and, unless --fixed_init, the initial weights from --seed). Each run is its own trainer process (or
 `accelerate launch`), so the same command scales to many GPUs. Layout of --output_dir: plan.json (written
 first), runs/<arm>-lr<lr>-s<seed>/, tuning/ (lr-grid trials), logs/, failures.json, then summary.json/csv,
 report.html and report.md (see diffusers_optim/report/).
