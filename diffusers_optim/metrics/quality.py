@@ -113,7 +113,9 @@ def precision_recall(real: np.ndarray, fake: np.ndarray) -> dict[str, float]:
     # authors' own reference implementation (it prints the set sizes, which we keep out of the logs)
     from prdc import compute_prdc
 
-    with contextlib.redirect_stdout(io.StringIO()):
+    # it also asks scikit-learn for 8 jobs through a joblib call that scikit-learn warns about on every use
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*sklearn.utils.parallel.delayed", category=UserWarning)
         scores = compute_prdc(real_features=real, fake_features=fake, nearest_k=NEAREST_K)
     return {f"eval/{name}": float(scores[name]) for name in ("precision", "recall", "density", "coverage")}
 
