@@ -50,6 +50,17 @@ def one_thread_per_worker():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Every test starts accelerate afresh, as every real run does: an Accelerator an earlier in-process test built
+    (its mixed precision, its device) would otherwise refuse the next test's settings in the same worker."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)  # the process group (if any) stays usable
+    GradientState._reset_state()
+
+
 @pytest.fixture
 def tiny_flags() -> list[str]:
     """A fresh copy of TINY_FLAGS (add --output_dir and --max_train_steps)."""

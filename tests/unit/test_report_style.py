@@ -40,7 +40,8 @@ def write_run(root: Path, optimizer: str, lr: float, val: list[float], clipped: 
                         "val_t/000-249": 3 * v, "val_t/250-499": 1.5 * v, "val_t/500-749": v / 2,
                         "val_t/750-999": v / 4, "train/grad_norm": 2.0 / (i + 1), "train/lr": lr * (1 - i / 6),
                         "train/clipped_fraction": clipped, "perf/images_per_sec": 152.33 + i,
-                        "perf/peak_memory_mb": 512.0, "optim/state_mb": 0.009375})
+                        "perf/process_peak_rss_mb": 512.0, "optim/state_mb": 0.009375,
+                        "optim/state_bytes_per_param": 8.0046875})
     records.append({"step": 50 * len(val), "eval/fd": 0.6 + val[-1], "eval/confident_frac": 0.84375})
     (path / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)) + "\n")
     Image.fromarray(np.full((8, 8, 3), 90, dtype=np.uint8)).save(path / "samples" / "step_000300.png")
@@ -153,7 +154,8 @@ def test_numbers_are_rounded_and_shares_are_percentages(three_arms: Path):
         for number in re.findall(r"\d[\d.]*", cell.split("e")[0]):
             digits = number.replace(".", "").lstrip("0")
             assert len(digits) <= 3 or "." not in number, cell  # 0.009375 -> 0.00938; integers stay whole
-    assert "0.009375" not in text and "0.00938" in text  # state MB, rounded
+    assert "8.0046875" not in text and "8.00" in text  # state bytes per parameter, rounded
+    assert "process RSS MB*" in text  # CPU memory is labelled as the whole process's
     assert "84.4%" in text and "0.84375" not in text  # confident share
     assert "25%" in text  # clipped fraction
     assert "Starred columns depend on the machine and its load" in text
