@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHRINK = {"--max_train_steps": "2", "--resolution": "8", "--model_preset": "tiny", "--train_batch_size": "4",
           "--num_validation_images": "4", "--num_inference_steps": "1", "--num_samples": "2",
-          "--num_eval_samples": "4", "--report_to": "none", "--gradient_accumulation_steps": "1"}  # fmt: skip
+          "--num_eval_samples": "8", "--report_to": "none", "--gradient_accumulation_steps": "1"}  # fmt: skip
 TRAINS = ("train_unconditional.py", "diffusers-optim train", "diffusers-optim compare", "compare_optimizers.py")
 
 
