@@ -138,7 +138,7 @@ class TrainConfig:
     run_name: str | None = field(default=None, metadata={"help": "Run name; default: optimizer-lr-seed."})
     num_timestep_buckets: int = field(default=4, metadata={"help": "Equal timestep ranges for loss_t/ and val_t/ (improved-diffusion's loss_q0..q3)."})
     logging_steps: int = field(default=10, metadata={"help": "Reduce and log metrics every N optimizer steps (0: only at the end)."})
-    grad_probe_steps: int = field(default=100, metadata={"help": "Per-timestep gradient probes (grad_t/*) every N optimizer steps on a fixed probe batch (0: off)."})
+    grad_probe_steps: int = field(default=200, metadata={"help": "Per-timestep gradient probes (grad_t/*) every N optimizer steps on a fixed probe batch (0: off)."})
     validation_steps: int = field(default=50, metadata={"help": "Validation loss every N steps (0: only at the end)."})
     sample_steps: int = field(default=250, metadata={"help": "Sample grid every N steps (0: only at the end)."})
     eval_steps: int = field(default=0, metadata={"help": "Sample-quality metrics every N steps (0: only at the end)."})
