@@ -76,7 +76,8 @@ class TrainConfig:
     num_validation_images: int | None = field(default=None, metadata={"help": "Images held out for validation; default: the whole held-out split (400) on digits, 64 on other data."})
     num_validation_draws: int = field(default=2, metadata={"help": "Frozen noise/timestep draws per validation image (bucket-stratified, the same for every run): more draws, smaller val/loss_se, longer validation."})
     skip_bad_images: bool = field(default=False, metadata={"help": "Skip and count corrupt images instead of failing."})
-    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    max_bad_images: int | None = field(default=None, metadata={"help": "Stop (with a checkpoint) once more images than this fail to load during training; default: 0, or no limit with --skip_bad_images."})
+    dataloader_num_workers: int | None = field(default=None, metadata={"help": "DataLoader worker processes that decode images; default: 0 for data held in memory (digits), else up to 8 per process by the cores available."})
     cache_dir: str | None = field(default=None, metadata={"help": "Cache directory for hub data sets."})
     preserve_input_precision: bool = field(default=False, metadata={"help": "Read 16-bit images at full precision instead of rounding them to 8 bits first."})
 

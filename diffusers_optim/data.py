@@ -1,7 +1,10 @@
 """Training data: an image folder, a `datasets` data set (saved locally or on the Hub), or the built-in digits.
 
-Every image is decoded once, up front, so a corrupt file fails the run (or is skipped, with
---skip_bad_images) before any training. Items are float tensors (C, R, R) in [-1, 1].
+Folders and data sets are streamed: before training every image's header is read and a sample is fully decoded
+(all of a small folder), so a corrupt file fails the run (or is skipped, with --skip_bad_images) before any
+training; the pixels are decoded lazily in DataLoader workers, so memory is O(batch x workers), not O(data set).
+An image that still fails at load time is replaced by the next readable one and counted (`data/skipped_images`);
+--max_bad_images decides when that stops the run. Items are float tensors (C, R, R) in [-1, 1].
 Validation images are a fixed, seed-independent held-out set that never appears in training.
 """
 
@@ -29,8 +32,10 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 PROGRESS_MIN_IMAGES = 300
 DEFAULT_VALIDATION_IMAGES = 64  # held out from a folder or hub data set when --num_validation_images is not given
-# Resized images are kept in memory up to this size, so an epoch costs a crop and a flip per item.
-CACHE_BYTES = 512 * 2**20
+# Images fully decoded before training (evenly spread; all of a folder this small): catches a truncated file early.
+NUM_SAMPLE_DECODES = 64
+# An item whose image fails at load time is replaced by the next one; this many failures in a row is an error.
+MAX_SUBSTITUTIONS = 32
 
 
 @dataclass
@@ -41,6 +46,7 @@ class DataBundle:
     validation: torch.Tensor
     name: str
     num_skipped: int = 0
+    in_memory: bool = True  # False: decoded per item, so DataLoader workers pay off
 
 
 def build_datasets(cfg: TrainConfig, channels: int) -> DataBundle:
@@ -269,27 +275,60 @@ def check_images(
     items: Sequence[Any], load: Callable[[Any], Image.Image], cfg: TrainConfig, channels: int, limit: int
 ) -> tuple[list[Any], list[torch.Tensor], int]:
     """Decode items in order until `limit` good ones: (good items, their decoded tensors, number skipped)."""
-    from tqdm.auto import tqdm
-
-    quiet = len(items) <= PROGRESS_MIN_IMAGES or int(os.environ.get("LOCAL_RANK", "0")) != 0
     good, decoded, num_bad = [], [], 0
-    for item in tqdm(items, desc="checking images", disable=quiet, leave=False):
+    for item in _progress(items, "decoding validation images"):
         if len(good) >= limit:
             break
         try:
             image = decode(load, item, channels, cfg.resolution, cfg.preserve_input_precision)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-            if not cfg.skip_bad_images:
-                raise UserError(
-                    f"corrupt or unreadable image {describe(item, cfg)}: {err}. "
-                    f"Fix or remove it, or pass --skip_bad_images"
-                ) from None
-            num_bad += 1
-            logger.warning("skipping unreadable image %s: %s", describe(item, cfg), err)
+        except BAD_IMAGE_ERRORS as err:
+            num_bad += _bad_image(item, err, cfg)
             continue
         good.append(item)
         decoded.append(image)
     return good, decoded, num_bad
+
+
+BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def scan_images(items: Sequence[Any], load: Callable[[Any], Image.Image], cfg: TrainConfig,
+                channels: int) -> tuple[list[Any], int]:
+    """Every item's header, and a full decode of an even sample of them: (readable items, number skipped).
+
+    Reading a header opens the file and parses its first bytes only, so a million-image folder is checked in
+    minutes, not the hour a full decode would take; the sampled decodes catch a folder of the wrong kind early.
+    """
+    sample = set(np.linspace(0, len(items) - 1, min(len(items), NUM_SAMPLE_DECODES)).round().astype(int).tolist())
+    good, num_bad = [], 0
+    for i, item in enumerate(_progress(items, "checking images")):
+        try:
+            if i in sample:
+                decode(load, item, channels, cfg.resolution, cfg.preserve_input_precision)
+            else:
+                with load(item) as image:
+                    image.size  # noqa: B018  (PIL parses the header on open; size proves it is an image)
+        except BAD_IMAGE_ERRORS as err:
+            num_bad += _bad_image(item, err, cfg)
+            continue
+        good.append(item)
+    return good, num_bad
+
+
+def _bad_image(item: Any, err: Exception, cfg: TrainConfig) -> int:
+    """A UserError, or 1 (skipped) with --skip_bad_images."""
+    if not cfg.skip_bad_images:
+        raise UserError(f"corrupt or unreadable image {describe(item, cfg)}: {err}. "
+                        f"Fix or remove it, or pass --skip_bad_images")
+    logger.warning("skipping unreadable image %s: %s", describe(item, cfg), err)
+    return 1
+
+
+def _progress(items: Sequence[Any], desc: str):
+    from tqdm.auto import tqdm
+
+    quiet = len(items) <= PROGRESS_MIN_IMAGES or int(os.environ.get("LOCAL_RANK", "0")) != 0
+    return tqdm(items, desc=desc, disable=quiet, leave=False)
 
 
 def describe(item: Any, cfg: TrainConfig) -> str:
@@ -297,27 +336,39 @@ def describe(item: Any, cfg: TrainConfig) -> str:
 
 
 class ImageItems(torch.utils.data.Dataset):
-    """Images of a folder or data set: cached (shorter side = R) when small, otherwise decoded per item."""
+    """Images of a folder or data set, decoded per item (in DataLoader workers); a failing one is replaced.
 
-    def __init__(
-        self, items, load, channels: int, cfg: TrainConfig, cache: list[torch.Tensor] | None
-    ) -> None:
-        self.items, self.load, self.channels, self.cache = items, load, channels, cache
+    The replacement is the next readable item, so the batch keeps its size and a resumed run sees the same
+    images. Failures are counted in `num_failed`, a shared-memory counter the training process reads on log steps
+    (DataLoader workers are separate processes: an attribute set there would never reach the trainer).
+    """
+
+    def __init__(self, items, load, channels: int, cfg: TrainConfig) -> None:
+        self.items, self.load, self.channels = items, load, channels
         self.resolution, self.random_crop, self.random_flip = (
             cfg.resolution,
             not cfg.center_crop,
             cfg.random_flip,
         )
         self.precise = cfg.preserve_input_precision
+        self.describe = partial(describe, cfg=cfg)
+        self.num_failed = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        if self.cache is not None:
-            image = self.cache[i]
+        for attempt in range(MAX_SUBSTITUTIONS):
+            item = self.items[(i + attempt) % len(self.items)]
+            try:
+                image = decode(self.load, item, self.channels, self.resolution, self.precise)
+                break
+            except BAD_IMAGE_ERRORS as err:
+                self.num_failed += 1
+                logger.warning("image failed to load during training, using the next one instead: %s: %s",
+                               self.describe(item), err)
         else:
-            image = decode(self.load, self.items[i], self.channels, self.resolution, self.precise)
+            raise RuntimeError(f"{MAX_SUBSTITUTIONS} images in a row failed to load, from {self.describe(item)}")
         image = crop(image, self.resolution, self.random_crop)
         if self.random_flip and torch.rand(()) < 0.5:
             image = image.flip(-1)
@@ -327,7 +378,7 @@ class ImageItems(torch.utils.data.Dataset):
 def build_from_images(
     cfg: TrainConfig, channels: int, items: Sequence[Any], load: Callable[[Any], Image.Image], name: str
 ) -> DataBundle:
-    """Hold out the last images (in sorted order) for validation and train on the rest."""
+    """Hold out the last images (in sorted order) for validation and train on the rest, decoded lazily."""
     # At least one image must stay for training.
     wanted = DEFAULT_VALIDATION_IMAGES if cfg.num_validation_images is None else cfg.num_validation_images
     num_validation = max(0, min(wanted, len(items) - 1))
@@ -336,7 +387,7 @@ def build_from_images(
     val_items, val_images, bad_val = check_images(items[::-1], load, cfg, channels, num_validation)
     first_val = len(items) - len(val_items) - bad_val
     limit = cfg.max_train_samples if cfg.max_train_samples is not None else len(items)
-    train_items, train_images, bad_train = check_images(items[:first_val], load, cfg, channels, limit)
+    train_items, bad_train = scan_images(items[:first_val][:limit], load, cfg, channels)
     if not train_items:
         raise UserError(
             f"no readable training images left in {name} after holding out {len(val_items)} for validation"
@@ -344,12 +395,28 @@ def build_from_images(
     num_skipped = bad_val + bad_train
     if num_skipped:
         logger.warning("skipped %d unreadable images (--skip_bad_images)", num_skipped)
-    cache = train_images if sum(x.numel() for x in train_images) <= CACHE_BYTES else None
     validation = [to_model_range(crop(x, cfg.resolution, random=False)) for x in val_images[::-1]]
     empty = torch.zeros(0, channels, cfg.resolution, cfg.resolution)
     return DataBundle(
-        train=ImageItems(train_items, load, channels, cfg, cache),
+        train=ImageItems(train_items, load, channels, cfg),
         validation=torch.stack(validation) if validation else empty,
         name=name,
         num_skipped=num_skipped,
+        in_memory=False,
     )
+
+
+def num_loader_workers(requested: int | None, in_memory: bool, processes_per_node: int) -> int:
+    """--dataloader_num_workers, or by default: none for data in memory, else the cores this process can spare."""
+    if requested is not None:
+        return requested
+    if in_memory:
+        return 0  # a worker would only add inter-process copies to an indexing operation
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores // max(1, processes_per_node) - 1))
+
+
+def num_failed_loads(dataset: torch.utils.data.Dataset) -> int:
+    """Images that failed to load during training so far (0 for data held in memory)."""
+    counter = getattr(dataset, "num_failed", None)
+    return int(counter) if counter is not None else 0

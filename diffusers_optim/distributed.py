@@ -71,6 +71,7 @@ class Stop:
 
     signum: int = 0
     diverged: bool = False
+    bad_images: bool = False  # more images failed to load than --max_bad_images allows (a count all ranks share)
 
     @property
     def signal_name(self) -> str:

@@ -33,7 +33,7 @@ from diffusers_optim.config import (
     redact_argv,
     resolved_init_seed,
 )
-from diffusers_optim.data import build_datasets
+from diffusers_optim.data import build_datasets, num_failed_loads, num_loader_workers
 from diffusers_optim.diffusion import min_snr_weights, per_sample_mse, training_target
 from diffusers_optim.distributed import Stop, StopRequest, decided_on_main
 from diffusers_optim.errors import UserError
@@ -114,6 +114,8 @@ class Trainer:
             check_compiler(self.accelerator.device)
         configure_backends(cfg.allow_tf32)
         self.data = build_datasets(cfg, self.channels)
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", self.accelerator.num_processes))
+        self.num_workers = num_loader_workers(cfg.dataloader_num_workers, self.data.in_memory, per_node)
         self.model = to_channels_last(build_unet(cfg.model_preset, cfg.resolution, self.channels, cfg.init_seed,
                                                  cfg.model_config_name_or_path), cfg.channels_last)
         self.noise_scheduler = build_noise_scheduler(cfg.ddpm_num_steps, cfg.ddpm_beta_schedule, cfg.prediction_type)
@@ -156,6 +158,7 @@ class Trainer:
         self.update_ratio: float | None = None  # of the last log step
         self.saved_step = -1
         self.stop_request = StopRequest(self.accelerator)  # all processes build it: it may create a group
+        self.failed_loads = 0  # images that failed to load during training, all ranks, as of the last log step
         self._reset_interval()
 
     # ---- the loop ------------------------------------------------------------------------------------
@@ -200,7 +203,10 @@ class Trainer:
         self.step += 1
         bar.update(1)
         self.after_step(bar)
-        return self.stop_request.agreed(diverged=self.nonfinite_streak >= self.cfg.max_nonfinite_steps)
+        stop = self.stop_request.agreed(diverged=self.nonfinite_streak >= self.cfg.max_nonfinite_steps)
+        if stop is None and self.too_many_bad_images():  # the count is already the same on every process
+            stop = Stop(bad_images=True)
+        return stop
 
     def train_step(self, batches) -> None:
         """One optimizer step: gradient_accumulation_steps micro-batches, clip, step (unless non-finite)."""
@@ -302,6 +308,17 @@ class Trainer:
             if self.ema is not None:
                 self.ema.step(self.model.parameters())
 
+    def bad_image_limit(self) -> int | None:
+        """--max_bad_images; by default 0, or no limit with --skip_bad_images."""
+        if self.cfg.max_bad_images is not None:
+            return self.cfg.max_bad_images
+        return None if self.cfg.skip_bad_images else 0
+
+    def too_many_bad_images(self) -> bool:
+        """More images failed to load during training (all processes, as of the last log step) than allowed."""
+        limit = self.bad_image_limit()
+        return limit is not None and self.failed_loads > limit
+
     def stop_early(self, stop: Stop, bar) -> dict[str, Any]:
         """Every process, after the same complete step: one checkpoint (its label matches its weights), then out."""
         bar.close()  # so the line that follows starts on its own line
@@ -310,6 +327,11 @@ class Trainer:
         self.accelerator.end_training()
         self.status.update(step=self.step, phase="diverged" if stop.diverged else "interrupted" if stop.signum
                            else "stopped")
+        if stop.bad_images:
+            raise TrainingStopped(
+                f"{self.failed_loads} images failed to load during training (more than --max_bad_images "
+                f"{self.bad_image_limit()}); the warnings above name them. A checkpoint was saved; fix or remove "
+                "them, or pass --skip_bad_images or a larger --max_bad_images, and resume.")
         if stop.diverged:
             raise TrainingStopped(
                 f"{self.cfg.max_nonfinite_steps} non-finite steps in a row at step {self.step}: the run diverged. "
@@ -371,6 +393,10 @@ class Trainer:
         })
         if self.update_ratio is not None:
             record["train/update_ratio"] = self.update_ratio
+        if not self.data.in_memory:  # same on every rank, so every rank joins this small collective
+            failed = torch.tensor(float(num_failed_loads(self.data.train)), device=acc.device)
+            record["data/skipped_images"] = self.data.num_skipped + int(acc.reduce(failed, reduction="sum").item())
+            self.failed_loads = record["data/skipped_images"] - self.data.num_skipped
         effective = self.spec.effective_lr(self.optimizer.optimizer)
         if effective is None and not self.spec.lr_is_multiplier:
             effective = record["train/lr"]  # the step size actually applied, under one key for every optimizer
@@ -598,6 +624,7 @@ class Trainer:
             "run_name": self.run_name,
             "dataset": self.data.name,
             "num_skipped_images": self.data.num_skipped,
+            "dataloader_num_workers": self.num_workers,
             "num_processes": self.accelerator.num_processes,
             "max_train_steps": self.max_steps,
             "num_parameters": sum(p.numel() for p in self.model.parameters()),
@@ -612,8 +639,9 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         stream = BatchStream(len(self.data.train), cfg.train_batch_size, acc.num_processes, acc.process_index,
                              cfg.seed, start=self.step * cfg.gradient_accumulation_steps)
-        return torch.utils.data.DataLoader(self.data.train, batch_sampler=stream, num_workers=cfg.dataloader_num_workers,
-                                           pin_memory=acc.device.type == "cuda")
+        workers = self.num_workers
+        return torch.utils.data.DataLoader(self.data.train, batch_sampler=stream, num_workers=workers,
+                                           persistent_workers=workers > 0, pin_memory=acc.device.type == "cuda")
 
     def finish(self) -> dict[str, Any]:
         """Save the final pipeline, write run_summary.json last, and upload if asked."""

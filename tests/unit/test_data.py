@@ -349,17 +349,68 @@ def test_preserve_input_precision_keeps_16_bit_levels(tmp_path):
 
 
 @pytest.mark.parametrize("source", ["folder", "saved"])
-def test_uncached_items_equal_cached_ones_and_load_in_workers(tmp_path, monkeypatch, source):
+def test_items_are_decoded_lazily_and_load_the_same_in_workers(tmp_path, source):
+    from diffusers_optim.data import crop, decode, num_failed_loads, to_model_range
+
     if source == "folder":
         _folder(tmp_path / "src", n=8)
         cfg = _cfg(train_data_dir=str(tmp_path / "src"), center_crop=True)
     else:
         _saved_dataset(tmp_path / "src", n=8)
         cfg = _cfg(dataset_name=str(tmp_path / "src"), center_crop=True)
-    cached = build_datasets(cfg, 3)
-    monkeypatch.setattr("diffusers_optim.data.CACHE_BYTES", 0)
-    lazy = build_datasets(cfg, 3)
-    assert cached.train.cache is not None and lazy.train.cache is None
-    assert torch.equal(_all(cached.train), _all(lazy.train))
-    loader = torch.utils.data.DataLoader(lazy.train, batch_size=5, num_workers=2)
-    assert torch.equal(torch.cat(list(loader)), _all(cached.train))
+    data = build_datasets(cfg, 3)
+    assert not data.in_memory and not hasattr(data.train, "cache")  # nothing decoded and kept up front
+    expected = torch.stack([to_model_range(crop(decode(data.train.load, item, 3, 8), 8, random=False))
+                            for item in data.train.items])
+    assert torch.equal(_all(data.train), expected)
+    loader = torch.utils.data.DataLoader(data.train, batch_size=5, num_workers=2)
+    assert torch.equal(torch.cat(list(loader)), expected)
+    assert num_failed_loads(data.train) == 0
+
+
+def _sized_folder(root, n):
+    root.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(np.full((8, 8), i * 3 % 256, dtype=np.uint8)).save(root / f"img{i:03d}.png")
+
+
+def _unsampled_training_image(n_train):
+    """An index the pre-training check only reads the header of (not among its sampled full decodes)."""
+    from diffusers_optim.data import NUM_SAMPLE_DECODES
+
+    sampled = set(np.linspace(0, n_train - 1, NUM_SAMPLE_DECODES).round().astype(int).tolist())
+    return next(i for i in range(n_train) if i not in sampled)
+
+
+def test_a_file_that_is_no_image_fails_the_header_check_before_training(tmp_path):
+    _sized_folder(tmp_path / "src", 100)
+    bad = _unsampled_training_image(97)
+    (tmp_path / "src" / f"img{bad:03d}.png").write_bytes(b"not a png at all")
+    with pytest.raises(UserError, match=f"img{bad:03d}.png"):
+        build_datasets(_cfg(train_data_dir=str(tmp_path / "src")), 3)
+    data = build_datasets(_cfg(train_data_dir=str(tmp_path / "src"), skip_bad_images=True), 3)
+    assert data.num_skipped == 1 and len(data.train) == 96
+
+
+def test_an_image_failing_at_load_time_is_replaced_by_the_next_and_counted_across_workers(tmp_path):
+    from diffusers_optim.data import num_failed_loads
+
+    _sized_folder(tmp_path / "src", 100)
+    bad = _unsampled_training_image(97)
+    path = tmp_path / "src" / f"img{bad:03d}.png"
+    path.write_bytes(path.read_bytes()[:-30])  # a truncated file: its header still reads
+    data = build_datasets(_cfg(train_data_dir=str(tmp_path / "src"), center_crop=True), 3)
+    assert len(data.train) == 97 and data.num_skipped == 0  # passed the header check
+    loader = torch.utils.data.DataLoader(data.train, batch_size=10, num_workers=2)
+    images = torch.cat(list(loader))
+    assert num_failed_loads(data.train) == 1  # counted in a worker, seen here
+    assert torch.equal(images[bad], images[bad + 1])  # replaced by the next image: the batch keeps its size
+
+
+def test_loader_workers_default_to_none_in_memory_and_some_for_streamed_data():
+    from diffusers_optim.data import num_loader_workers
+
+    assert num_loader_workers(None, in_memory=True, processes_per_node=1) == 0
+    assert 1 <= num_loader_workers(None, in_memory=False, processes_per_node=1) <= 8
+    assert num_loader_workers(None, in_memory=False, processes_per_node=64) == 1
+    assert num_loader_workers(3, in_memory=False, processes_per_node=1) == 3
