@@ -77,6 +77,7 @@ class TrainConfig:
     num_validation_draws: int = field(default=2, metadata={"help": "Frozen noise/timestep draws per validation image (bucket-stratified, the same for every run): more draws, smaller val/loss_se, longer validation."})
     skip_bad_images: bool = field(default=False, metadata={"help": "Skip and count corrupt images instead of failing."})
     max_bad_images: int | None = field(default=None, metadata={"help": "Stop (with a checkpoint) once more images than this fail to load during training; default: 0, or no limit with --skip_bad_images."})
+    ddp_timeout: int = field(default=7200, metadata={"help": "Seconds a process waits for the others in a collective before the job fails (diffusers' default, 7200)."})
     dataloader_num_workers: int | None = field(default=None, metadata={"help": "DataLoader worker processes that decode images; default: 0 for data held in memory (digits), else up to 8 per process by the cores available."})
     cache_dir: str | None = field(default=None, metadata={"help": "Cache directory for hub data sets."})
     preserve_input_precision: bool = field(default=False, metadata={"help": "Read 16-bit images at full precision instead of rounding them to 8 bits first."})

@@ -8,6 +8,7 @@ resumed run continues bit-for-bit, and N processes at batch B see what one proce
 from __future__ import annotations
 
 import contextlib
+import datetime
 import inspect
 import json
 import math
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from diffusers_optim import checkpoint as ckpt
@@ -692,12 +693,16 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     # `accelerate launch` on a machine without CUDA does not pass use_cpu on to the workers: ask for CPU here so
     # several processes join one gloo group instead of training alone and writing the same folder.
     distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    # The process group's timeout bounds how long a rank waits in a collective for the others (rank 0 alone
+    # writing a checkpoint or a long evaluation); torch's default of 10-30 min is too short for big jobs.
+    timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.ddp_timeout))
     accelerator = Accelerator(
         cpu=distributed_cpu,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
         log_with=trackers or None,
         project_config=project,
+        kwargs_handlers=[timeout],
     )
     set_seed(cfg.seed)
     return accelerator
