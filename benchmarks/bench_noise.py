@@ -3,7 +3,8 @@
 Each rank trains on the same LOCAL batch; what changes with the world size is what it must draw. "global" is the
 previous scheme (the whole global batch drawn on the CPU on every rank, this rank's slice kept), shown for
 contrast; "per-sample" is `diffusers_optim.sampling.micro_batch_noise` (only this rank's samples, on the device).
-The variants take turns repeat by repeat, so the machine's load hits them alike. Always exits 0.
+The world sizes of a variant take turns repeat by repeat (ABBA), so the machine's load hits them alike.
+Always exits 0.
 
     python benchmarks/bench_noise.py                      # local batch 16, 3x64x64, worlds 1 8 64
     python benchmarks/bench_noise.py --device cuda --resolution 256 --local_batch 64
@@ -54,10 +55,12 @@ def main() -> None:
     shape = (args.channels, args.resolution, args.resolution)
     variants = {"global": global_draw, "per-sample": per_sample}
     times = {(v, w): [] for v in variants for w in args.worlds}
-    for r in range(args.repeats + 2):  # the first two rounds warm up and are dropped
-        for w in args.worlds:
-            order = list(variants) if r % 2 == 0 else list(reversed(variants))
-            for v in order:
+    # The ratio that matters is between world sizes of one variant, so those take turns (ABBA); the variants run
+    # one after the other, since the global draw at world 64 allocates hundreds of MB and would evict the caches
+    # of whatever ran next to it.
+    for v in variants:
+        for r in range(args.repeats + 2):  # the first two rounds warm up and are dropped
+            for w in (args.worlds if r % 2 == 0 else list(reversed(args.worlds))):
                 t = timed(variants[v], r, w, w - 1, args.local_batch, shape, device=args.device)
                 if r >= 2:
                     times[(v, w)].append(t)
