@@ -83,11 +83,19 @@ class TensorImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
+        i, generator = item_key(key)
         image = self.images[i]
-        if self.random_flip and torch.rand(()) < 0.5:
+        if self.random_flip and torch.rand((), generator=generator) < 0.5:
             image = image.flip(-1)
         return image
+
+
+def item_key(key: int | tuple[int, int]) -> tuple[int, torch.Generator | None]:
+    """An index, or (index, augmentation seed) from BatchStream -> the index and a generator for its crop/flip."""
+    if isinstance(key, tuple):
+        return key[0], torch.Generator().manual_seed(key[1])
+    return key, None
 
 
 def digits_tensor(images: np.ndarray, resolution: int, channels: int) -> torch.Tensor:
@@ -260,12 +268,13 @@ def to_model_range(image: torch.Tensor) -> torch.Tensor:
     return image.float() / 127.5 - 1.0
 
 
-def crop(image: torch.Tensor, resolution: int, random: bool) -> torch.Tensor:
+def crop(image: torch.Tensor, resolution: int, random: bool,
+         generator: torch.Generator | None = None) -> torch.Tensor:
     """A resolution x resolution crop, centred or at a random offset."""
     h, w = image.shape[-2:]
     if random:
-        top = int(torch.randint(0, h - resolution + 1, ()))
-        left = int(torch.randint(0, w - resolution + 1, ()))
+        top = int(torch.randint(0, h - resolution + 1, (), generator=generator))
+        left = int(torch.randint(0, w - resolution + 1, (), generator=generator))
     else:
         top, left = (h - resolution) // 2, (w - resolution) // 2
     return image[:, top : top + resolution, left : left + resolution]
@@ -357,7 +366,8 @@ class ImageItems(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
+        i, generator = item_key(key)
         for attempt in range(MAX_SUBSTITUTIONS):
             item = self.items[(i + attempt) % len(self.items)]
             try:
@@ -369,8 +379,8 @@ class ImageItems(torch.utils.data.Dataset):
                                self.describe(item), err)
         else:
             raise RuntimeError(f"{MAX_SUBSTITUTIONS} images in a row failed to load, from {self.describe(item)}")
-        image = crop(image, self.resolution, self.random_crop)
-        if self.random_flip and torch.rand(()) < 0.5:
+        image = crop(image, self.resolution, self.random_crop, generator)
+        if self.random_flip and torch.rand((), generator=generator) < 0.5:
             image = image.flip(-1)
         return to_model_range(image)
 

@@ -47,10 +47,13 @@ def micro_batch_noise(seed: int, step: int, micro: int, first_index: int, batch_
     return noise.to(dtype), timesteps
 
 
+AUGMENT_STREAM = 0xA0C  # keeps augmentation seeds apart from the noise seeds' (step, micro) coordinates
+
+
 class BatchStream(torch.utils.data.Sampler):
     """Infinite batch sampler: global micro-batch slots of `batch_size` indices from a per-epoch permutation.
 
-    Slot k of the stream belongs to process k % num_processes, so P processes at batch B read exactly the
+    Each item is (index, augmentation seed). Slot k of the stream belongs to process k % num_processes, so P processes at batch B read exactly the
     images that one process at batch P*B reads, and the stream can start at any micro-batch (resume).
     """
 
@@ -76,7 +79,11 @@ class BatchStream(torch.utils.data.Sampler):
                 epoch = slot // self.slots_per_epoch
                 order = self.epoch_order(epoch)
             j = slot % self.slots_per_epoch
-            yield order[j * self.batch_size:(j + 1) * self.batch_size].tolist()
+            first = j * self.batch_size
+            indices = order[first:first + self.batch_size].tolist()
+            # each item comes with the seed of its random crop/flip, keyed by its place in the epoch's order, so
+            # augmentation is the same in DataLoader workers, after a resume and at any process count
+            yield [(i, sample_seed(self.seed, AUGMENT_STREAM, epoch, first + k)) for k, i in enumerate(indices)]
             micro += 1
 
 

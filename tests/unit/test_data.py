@@ -414,3 +414,28 @@ def test_loader_workers_default_to_none_in_memory_and_some_for_streamed_data():
     assert 1 <= num_loader_workers(None, in_memory=False, processes_per_node=1) <= 8
     assert num_loader_workers(None, in_memory=False, processes_per_node=64) == 1
     assert num_loader_workers(3, in_memory=False, processes_per_node=1) == 3
+
+
+def test_random_crop_and_flip_are_the_same_in_workers_after_a_restart_and_at_any_process_count(tmp_path):
+    """Augmentation is seeded per item by BatchStream, not by a worker's RNG: resume stays exact."""
+    from diffusers_optim.sampling import BatchStream
+
+    root = tmp_path / "src"
+    root.mkdir()
+    for i in range(12):  # wider than tall, so a random crop has several positions
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (8, 14, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    data = build_datasets(_cfg(train_data_dir=str(root), num_validation_images=2, random_flip=True), 3)
+
+    def batches(workers, start=0, processes=1, rank=0, batch=2, n=6):
+        stream = BatchStream(len(data.train), batch, processes, rank, seed=5, start=start)
+        loader = torch.utils.data.DataLoader(data.train, batch_sampler=stream, num_workers=workers)
+        it = iter(loader)
+        return [next(it) for _ in range(n)]
+
+    straight = batches(workers=0)
+    assert all(torch.equal(a, b) for a, b in zip(straight, batches(workers=2)))
+    assert all(torch.equal(a, b) for a, b in zip(straight[3:], batches(workers=2, start=3, n=3)))
+    # two processes at batch 1 see the halves of one process at batch 2
+    halves = [batches(workers=0, processes=2, rank=r, batch=1) for r in range(2)]
+    assert all(torch.equal(straight[k], torch.cat([halves[0][k], halves[1][k]])) for k in range(6))
+    assert any(not torch.equal(x[0], x[0].flip(-1)) for x in straight)  # augmentation really happens
