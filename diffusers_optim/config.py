@@ -27,7 +27,8 @@ SECRET_FIELDS = ("hub_token",)
 # length): they may differ on resume. Every other flag defines the experiment, so a flag added later is compared
 # by default; the optimizer flags are compared as the resolved optimizer and hyperparameters instead.
 FREE_FIELDS = (
-    "dataloader_num_workers", "cache_dir", "skip_bad_images", "max_nonfinite_steps", "stop_after_steps",
+    "dataloader_num_workers", "cache_dir", "skip_bad_images", "max_bad_images", "ddp_timeout", "max_nonfinite_steps",
+    "stop_after_steps",
     "output_dir", "overwrite_output_dir", "report_to", "logger", "tracker_project_name", "wandb_entity", "run_group",
     "run_name", "num_timestep_buckets", "logging_steps", "validation_steps", "sample_steps", "eval_steps",
     "num_samples", "num_eval_samples", "num_inference_steps", "inception_weights", "checkpointing_steps",
@@ -198,7 +199,7 @@ RANGES: dict[str, tuple[float, bool]] = {
     "validation_steps": (0, True), "sample_steps": (0, True), "eval_steps": (0, True), "num_samples": (1, True),
     "num_eval_samples": (1, True), "num_inference_steps": (1, True), "checkpointing_steps": (0, True),
     "checkpoints_total_limit": (1, True), "save_images_epochs": (1, True), "save_model_epochs": (1, True),
-    "num_validation_draws": (1, True),
+    "num_validation_draws": (1, True), "max_bad_images": (0, True), "ddp_timeout": (1, True),
 }
 UPPER_BOUNDS = {"adam_beta1": 1.0, "adam_beta2": 1.0, "ema_max_decay": 1.0}  # inclusive only for ema_max_decay
 
