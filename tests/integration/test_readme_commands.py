@@ -76,6 +76,10 @@ def split_launcher(words: list[str]) -> tuple[str | None, str, list[str]]:
 
 def in_process(cmd: list[str], log_path: Path) -> int:
     """compare's launcher, running each planned trainer command (`python -m diffusers_optim.cli ...`) in-process."""
+    from diffusers_optim.compare import DIE_WITH_PARENT
+
+    if cmd[1:3] == ["-c", DIE_WITH_PARENT]:  # the supervisor that ends a trainer with its comparison
+        cmd = cmd[4:]
     assert cmd[1:3] == ["-m", "diffusers_optim.cli"], cmd
     return cli.main(cmd[3:])
 
