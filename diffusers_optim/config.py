@@ -29,6 +29,9 @@ SECRET_FIELDS = ("hub_token",)
 FREE_FIELDS = (
     "dataloader_num_workers", "cache_dir", "skip_bad_images", "max_bad_images", "ddp_timeout", "max_nonfinite_steps",
     "stop_after_steps",
+    # the run's length: extending a finished run on resume is common (diffusers' own resume test does it); the LR
+    # schedule follows the new length and config.json records it
+    "num_epochs", "max_train_steps",
     "output_dir", "overwrite_output_dir", "report_to", "logger", "tracker_project_name", "wandb_entity", "run_group",
     "run_name", "num_timestep_buckets", "logging_steps", "validation_steps", "sample_steps", "eval_steps",
     "num_samples", "num_eval_samples", "num_inference_steps", "inception_weights", "checkpointing_steps",
