@@ -127,7 +127,8 @@ def test_every_diffusers_flag_is_accepted():
     from diffusers_optim.config import parse_train_args
 
     values = {"--logger": "tensorboard", "--mixed_precision": "no", "--prediction_type": "epsilon",
-              "--lr_scheduler": "cosine", "--ddpm_beta_schedule": "linear", "--resume_from_checkpoint": "latest"}
+              "--lr_scheduler": "cosine", "--ddpm_beta_schedule": "linear", "--resume_from_checkpoint": "latest",
+              "--adam_beta1": "0.9", "--adam_beta2": "0.999", "--ema_max_decay": "0.9999", "--ddpm_num_steps": "1000"}  # betas must be below 1
     for flag in DIFFUSERS_FLAGS:
         parse_train_args([flag] if flag in DIFFUSERS_BOOLEAN else [flag, values.get(flag, "1")])
 

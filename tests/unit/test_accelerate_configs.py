@@ -64,6 +64,8 @@ accelerator = Accelerator()
 total = accelerator.reduce(torch.tensor([accelerator.process_index + 1.0]), reduction="sum")
 print(f"rank={accelerator.process_index} world={accelerator.num_processes} "
       f"type={accelerator.distributed_type.value} sum={total.item():.0f}", flush=True)
+# as the trainer does: leaving with gloo's threads alive aborts a rank ("terminate called without an active exception")
+accelerator.end_training()
 """
 
 
