@@ -131,3 +131,9 @@ def copy_finished_run(finished_run_template):
         return Path(shutil.copytree(finished_run_template, out, symlinks=True))
 
     return copy
+
+
+def pytest_collection_modifyitems(items):
+    """The slow end-to-end tests first (stable order otherwise): xdist's workers then share them from the start,
+    instead of one worker finishing a long test alone at the end of the suite."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

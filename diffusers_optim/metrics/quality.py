@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Protocol
 
+import joblib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,9 @@ KID_SUBSET_SIZE = 1000
 NEAREST_K = 5  # the k of the k-nearest-neighbour balls of precision/recall/density/coverage (the papers' choice)
 MIN_SAMPLES = NEAREST_K + 2  # prdc partitions each row of distances at index k + 1 (itself and k neighbours)
 FLOOR_DRAWS = 10  # the floor is the mean over this many random subsets of the real images
+# The shipped network's floors depend only on the sample count: computed once per process, shared by every run in
+# it (a comparison's in-process runs, a benchmark's Trainers); ten subsets cost seconds at small sizes.
+_PACKAGE_FLOORS: dict[int, dict[str, float]] = {}
 EVAL_SEED = 0  # fixed, so every run (and every optimizer) is scored on the same KID subsets and floor subsets
 
 
@@ -113,8 +117,9 @@ def precision_recall(real: np.ndarray, fake: np.ndarray) -> dict[str, float]:
     # authors' own reference implementation (it prints the set sizes, which we keep out of the logs)
     from prdc import compute_prdc
 
-    # it also asks scikit-learn for 8 jobs through a joblib call that scikit-learn warns about on every use
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+    # it also asks scikit-learn for 8 jobs through a joblib call that scikit-learn warns about on every use; joblib's
+    # threads cost more than they save at these sizes (BLAS still threads the distances)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), joblib.parallel_config("sequential"):
         warnings.filterwarnings("ignore", message=".*sklearn.utils.parallel.delayed", category=UserWarning)
         scores = compute_prdc(real_features=real, fake_features=fake, nearest_k=NEAREST_K)
     return {f"eval/{name}": float(scores[name]) for name in ("precision", "recall", "density", "coverage")}
@@ -226,7 +231,9 @@ class DigitsQuality:
     @classmethod
     def from_package(cls, device: str | torch.device = "cpu") -> DigitsQuality:
         """The feature network whose weights ship in `diffusers_optim/assets`."""
-        return cls(load_digits_feature_net(), device=device)
+        quality = cls(load_digits_feature_net(), device=device)
+        quality._floors = _PACKAGE_FLOORS
+        return quality
 
     def evaluate(self, samples: torch.Tensor) -> dict[str, float]:
         """eval/fd, eval/kid, eval/precision, eval/recall, eval/density, eval/coverage and class statistics."""

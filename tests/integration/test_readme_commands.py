@@ -1,8 +1,8 @@
 """Every command in README.md and docs/ that trains or compares runs as written, shrunk to tiny scale.
 
-Shrinking changes only scale (steps, resolution, preset, batch, sampling sizes), the output folder, the image
-folder (a small local one) and the tracker (none instead of an account). Each command's own flags, optimizers,
-seeds and grids stay. A command under `accelerate launch --config_file FILE` runs in this process on the CPU; its
+Shrinking changes only scale (steps, resolution, preset, batch, sampling sizes, the number of seeds), the output
+folder, the image folder (a small local one) and the tracker (none instead of an account). Each command's own flags,
+optimizers, grids and first seed stay. A command under `accelerate launch --config_file FILE` runs in this process on the CPU; its
 config file is read with accelerate's own loader (GPU topologies cannot run here).
 """
 
@@ -23,6 +23,8 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHRINK = {"--max_train_steps": "2", "--resolution": "8", "--model_preset": "tiny", "--train_batch_size": "4",
           "--num_validation_images": "4", "--num_inference_steps": "1", "--num_samples": "2",
           "--num_eval_samples": "8", "--report_to": "none", "--gradient_accumulation_steps": "1"}  # fmt: skip
+# Seeds are scale too: a study's seed list shrinks to its first seed (each seed is the same run with another seed).
+SHRINK_LISTS = {"--seeds": 1}
 TRAINS = ("train_unconditional.py", "diffusers-optim train", "diffusers-optim compare", "compare_optimizers.py")
 
 
@@ -52,8 +54,23 @@ def flag_values(args: list[str]) -> dict[str, str]:
     return {a: b for a, b in zip(args, args[1:]) if a.startswith("--") and not b.startswith("--")}
 
 
+def shorten_lists(args: list[str]) -> list[str]:
+    """Each flag of SHRINK_LISTS keeps only its first values."""
+    kept, flag, count = [], None, 0
+    for arg in args:
+        if arg.startswith("--"):
+            flag, count = arg, 0
+        elif flag in SHRINK_LISTS:
+            count += 1
+            if count > SHRINK_LISTS[flag]:
+                continue
+        kept.append(arg)
+    return kept
+
+
 def shrink(args: list[str], out: Path, images: Path) -> list[str]:
-    """The command's flags at tiny scale: values replaced in place, missing scale flags appended."""
+    """The command's flags at tiny scale: values replaced in place, lists cut, missing scale flags appended."""
+    args = shorten_lists(args)
     overrides = {**SHRINK, "--output_dir": str(out), "--train_data_dir": str(images)}
     args = [overrides.get(prev, arg) if prev in overrides else arg for prev, arg in zip(["", *args], args)]
     for flag, value in SHRINK.items():
