@@ -11,37 +11,11 @@ import dataclasses
 import json
 from typing import Any
 
-from diffusers_optim.config import TrainConfig, coerce_value, field_types
+from diffusers_optim.config import RECORD_FIELDS, TrainConfig, coerce_value, field_types
 
-# Where and how a run is recorded, not what is trained: runs differing only in these are seeds of one arm.
-NOT_ARM_KEYS = frozenset(
-    {
-        "seed",
-        "output_dir",
-        "run_name",
-        "run_group",
-        "resume_from_checkpoint",
-        "overwrite_output_dir",
-        "logger",
-        "report_to",
-        "tracker_project_name",
-        "wandb_entity",
-        "push_to_hub",
-        "hub_model_id",
-        "hub_token",
-        "hub_private_repo",
-        "checkpointing_steps",
-        "checkpoints_total_limit",
-        "stop_after_steps",
-        "dataloader_num_workers",
-        "cache_dir",
-        # how fast, not what: the same maths to float rounding, and one mode for every arm (--grid refuses them)
-        "torch_compile",
-        "compile_mode",
-        "channels_last",
-        "allow_tf32",
-    }
-)
+# Runs differing only in these are seeds of one arm: the seed, where and how a run is recorded (config.RECORD_FIELDS),
+# and how fast, not what: the same maths to float rounding, and one mode for every arm (--grid refuses them).
+NOT_ARM_KEYS = frozenset({"seed", *RECORD_FIELDS, "torch_compile", "compile_mode", "channels_last", "allow_tf32"})
 SHORT_NAMES = {"learning_rate": "lr"}
 
 

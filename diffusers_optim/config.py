@@ -26,18 +26,22 @@ SECRET_FIELDS = ("hub_token",)
 # Flags that do not change the maths of a run (logging, cadence of samples/checkpoints, outputs, hub, session
 # length): they may differ on resume. Every other flag defines the experiment, so a flag added later is compared
 # by default; the optimizer flags are compared as the resolved optimizer and hyperparameters instead.
+# Where and how a run is recorded, not what is trained (owned here; arms.NOT_ARM_KEYS and FREE_FIELDS build on it).
+RECORD_FIELDS = (
+    "output_dir", "overwrite_output_dir", "report_to", "logger", "tracker_project_name", "wandb_entity", "run_group",
+    "run_name", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "push_to_hub",
+    "hub_model_id", "hub_private_repo", "dataloader_num_workers", "cache_dir", "stop_after_steps", *SECRET_FIELDS,
+)
+# May change on resume without --allow_config_change: the record, the run's length and what is measured.
 FREE_FIELDS = (
-    "dataloader_num_workers", "cache_dir", "skip_bad_images", "max_bad_images", "ddp_timeout", "max_nonfinite_steps",
-    "stop_after_steps",
+    *RECORD_FIELDS, "skip_bad_images", "max_bad_images", "ddp_timeout", "max_nonfinite_steps",
     # the run's length: extending a finished run on resume is common (diffusers' own resume test does it); the LR
     # schedule follows the new length and config.json records it
     "num_epochs", "max_train_steps",
-    "output_dir", "overwrite_output_dir", "report_to", "logger", "tracker_project_name", "wandb_entity", "run_group",
-    "run_name", "num_timestep_buckets", "logging_steps", "validation_steps", "sample_steps", "eval_steps",
-    "num_samples", "num_eval_samples", "num_inference_steps", "inception_weights", "checkpointing_steps",
-    "checkpoints_total_limit", "resume_from_checkpoint", "push_to_hub", "hub_model_id", "hub_private_repo",
+    "num_timestep_buckets", "logging_steps", "validation_steps", "sample_steps", "eval_steps",
+    "num_samples", "num_eval_samples", "num_inference_steps", "inception_weights",
     "allow_config_change", "local_rank", "save_images_epochs", "save_model_epochs", "logging_dir",
-    "enable_xformers_memory_efficient_attention", *SECRET_FIELDS,
+    "enable_xformers_memory_efficient_attention",
 )
 OPTIMIZER_FIELDS = ("optimizer", "optimizer_args", "learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay",
                     "adam_epsilon", "momentum")
