@@ -26,6 +26,17 @@ from diffusers_optim.metrics.probes import ProbeKeys
 logger = logging.getLogger(__name__)
 
 GROUP_BY = "config.optimizer"  # the trainer logs its config, so runs group by the optimizer's name
+
+
+def arm_grouping(plan: dict) -> list[str]:
+    """W&B config keys that tell a comparison's arms apart (from its plan.json): the optimizer, its arguments and
+    lr when two arms share an optimizer, and every --grid flag; seeds of one arm then share one line."""
+    keys = ["optimizer"]
+    names = [o["name"] for o in plan.get("optimizers", [])]
+    if len(set(names)) < len(names):
+        keys += ["optimizer_args", "learning_rate"]
+    keys += sorted(plan.get("grid") or {})
+    return [f"config.{k}" for k in keys]
 DRY_RUN_PROJECT_ID = "dry-run"
 
 
@@ -85,15 +96,17 @@ def build_report(
     title: str | None = None,
     num_train_timesteps: int = TrainConfig.ddpm_num_steps,
     num_buckets: int = TrainConfig.num_timestep_buckets,
+    group_by: list[str] | None = None,
 ):
-    """The report object: one runset filtered to the group and grouped by optimizer, and its panels."""
+    """The report object: one runset filtered to the group and grouped by arm (default: by optimizer), and its
+    panels."""
     wr = import_reports()
     val_keys = bucket_keys(num_train_timesteps, num_buckets, "val_t")
     train_keys = bucket_keys(num_train_timesteps, num_buckets, "loss_t")
 
     def grid(panels: list):
         runset = wr.Runset(
-            entity=entity, project=project, name=group, filters=f"Group = '{group}'", groupby=[GROUP_BY]
+            entity=entity, project=project, name=group, filters=f"Group = '{group}'", groupby=group_by or [GROUP_BY]
         )
         return wr.PanelGrid(runsets=[runset], panels=panels)
 
@@ -112,8 +125,9 @@ def build_report(
     ]
     blocks = [
         wr.P(
-            f"Optimizer comparison of the runs in W&B group '{group}', one line per optimizer "
-            f"(mean over seeds, min-max band). Made by diffusers-optim."
+            f"Optimizer comparison of the runs in W&B group '{group}', one line per arm "
+            f"(grouped by {', '.join(k.removeprefix('config.') for k in group_by or [GROUP_BY])}; mean over seeds, "
+            f"min-max band). Made by diffusers-optim."
         ),
         wr.H2("Validation loss, gradient norm, learning rate"),
         grid(overview),
@@ -163,11 +177,25 @@ def report_spec(report) -> dict[str, Any]:
     return json.loads(model.model_dump_json(by_alias=True, exclude_none=True))
 
 
+def read_plan(root: Path) -> dict:
+    """A comparison folder's plan.json, or a one-line UserError."""
+    from diffusers_optim import rundir
+
+    path = root / rundir.PLAN
+    if not path.is_file():
+        raise UserError(f"--comparison {root}: no {rundir.PLAN} there (is it a comparison's --output_dir?)")
+    return rundir.read_json(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffusers-optim report", description=__doc__.splitlines()[0])
     parser.add_argument("--entity", required=True, help="W&B entity (team or user).")
     parser.add_argument("--project", required=True, help="W&B project of the runs.")
-    parser.add_argument("--group", required=True, help="W&B group of the comparison (its --run_group).")
+    parser.add_argument("--group", default=None, help="W&B group of the comparison (its --run_group); "
+                        "default: the group in --comparison's plan.json.")
+    parser.add_argument("--comparison", default=None, metavar="DIR",
+                        help="The comparison folder: its plan.json names the group and the settings that tell its arms "
+                        "apart (lines are grouped by those; without it, by optimizer).")
     parser.add_argument(
         "--title", default=None, help="Report title (default: 'Optimizer comparison: GROUP')."
     )
@@ -183,8 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    group, group_by = args.group, None
+    if args.comparison:
+        plan = read_plan(Path(args.comparison))
+        group, group_by = group or plan.get("run_group"), arm_grouping(plan)
+    if not group:
+        parser.error("--group is required (or --comparison DIR, whose plan.json names it)")
     report = build_report(
-        args.entity, args.project, args.group, args.title, args.ddpm_num_steps, args.num_timestep_buckets
+        args.entity, args.project, group, args.title, args.ddpm_num_steps, args.num_timestep_buckets, group_by
     )
     if args.dry_run:
         path = Path(args.dry_run)

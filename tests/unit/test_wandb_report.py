@@ -44,3 +44,42 @@ def test_dry_run_writes_panels_grouped_by_optimizer_and_filtered_by_group(tmp_pa
 def test_missing_required_flags_exit_with_usage():
     with pytest.raises(SystemExit):
         wandb_report.main(["--entity", "e"])
+
+
+def test_comparison_plan_groups_lines_by_arm_and_names_the_group(tmp_path, monkeypatch):
+    """With --comparison, seeds of one arm share a line and arms never do: the grid flags and, when two arms share
+    an optimizer, its arguments and lr join the grouping; the group comes from the plan."""
+    from dataclasses import asdict
+
+    from diffusers_optim import compare, rundir
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cmp = compare.parse_comparison(["--optimizers", "adamw:lr=1e-3", "adamw:lr=2e-3,weight_decay=0.1", "sgd",
+                                    "--grid", "lr_warmup_steps=0,5", "--grid", "adam_beta1=0.5,0.9",
+                                    "--seeds", "0", "1", "--output_dir", str(tmp_path / "cmp")])
+    # the fields of plan.json this reads, as run_comparison writes them
+    plan = {"optimizers": [asdict(c) for c in cmp.choices], "grid": cmp.grids, "run_group": cmp.group}
+    (tmp_path / "cmp").mkdir()
+    rundir.write_json(tmp_path / "cmp" / rundir.PLAN, plan)
+    out = tmp_path / "report.json"
+    argv = ["--entity", "team", "--project", "optim", "--comparison", str(tmp_path / "cmp"), "--dry-run", str(out)]
+    assert wandb_report.main(argv) == 0
+    spec = json.loads(out.read_text())
+    for grid in (b for b in spec["spec"]["blocks"] if b["type"] == "panel-grid"):
+        (runset,) = grid["metadata"]["runSets"]
+        assert [g["name"] for g in runset["grouping"]] == [
+            "optimizer.value", "optimizer_args.value", "learning_rate.value", "adam_beta1.value",
+            "lr_warmup_steps.value"]
+        assert runset["filters"]["filters"][0]["value"] == plan["run_group"]
+
+
+def test_grouping_is_by_optimizer_alone_when_names_differ_and_there_is_no_grid():
+    plan = {"optimizers": [{"name": "adamw"}, {"name": "sgd"}], "grid": {}}
+    assert wandb_report.arm_grouping(plan) == ["config.optimizer"]
+
+
+def test_comparison_without_a_plan_is_one_line(tmp_path, capsys):
+    from diffusers_optim import cli
+
+    assert cli.main(["report", "--entity", "e", "--project", "p", "--comparison", str(tmp_path)]) == 2
+    assert "no plan.json there" in capsys.readouterr().err
