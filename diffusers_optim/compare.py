@@ -6,7 +6,8 @@
 An arm is one optimizer spec with one value of every --grid; every arm gets the same training flags, step
 budget and seed list, so only what names the arm differs (the trainer derives data order, noise, timesteps,
 sampling noise and, unless --fixed_init, the initial weights from --seed). Each run is its own trainer process (or
-`accelerate launch`), so the same command scales to many GPUs. Layout of --output_dir: plan.json (written
+`accelerate launch`), on a pool of this machine (--backend local) or as a task on a Ray cluster (--backend ray, see
+ray_backend.py), so the same command scales to many GPUs and machines. Layout of --output_dir: plan.json (written
 first), runs/<arm>-lr<lr>-s<seed>/, tuning/ (lr-grid trials), logs/, failures.json, then summary.json/csv,
 report.html and report.md (see diffusers_optim/report/).
 """
@@ -45,6 +46,7 @@ from diffusers_optim.config import (
 from diffusers_optim.errors import UserError
 from diffusers_optim.live import ProgressBoard, final_lines, live_view
 from diffusers_optim.optim.args import split_top_level
+from diffusers_optim.ray_backend import RaySettings, add_ray_flags, connected, resolve_backend
 from diffusers_optim.report import last_value, read_json, read_metrics, summarize
 
 logger = logging.getLogger(__name__)
@@ -74,13 +76,16 @@ ORPHAN_WAIT_S = 120
 # signal once for every thread of the dying comparison (its thread pool), and a second SIGTERM cuts the trainer's
 # checkpoint short. subprocess's preexec_fn would also be unsafe with that thread pool. The parent-pid check
 # covers a comparison that died before prctl took effect; Ctrl-C reaches the trainer itself (same process group).
+# The trainer gets the same death signal from the supervisor (one thread: one signal), for a supervisor that is
+# itself killed: Ray SIGKILLs the children of a worker whose task is cancelled with force.
 DIE_WITH_PARENT = """
 import ctypes, os, signal, subprocess, sys
-ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 if os.getppid() != int(sys.argv[1]):
     sys.exit(143)
 signal.signal(signal.SIGINT, signal.SIG_IGN)
-child = subprocess.Popen(sys.argv[2:])
+child = subprocess.Popen(sys.argv[2:], preexec_fn=lambda: libc.prctl(1, signal.SIGTERM))
 forwarded = []
 def forward(signum, frame):
     if not forwarded:
@@ -417,14 +422,18 @@ def write_plan(root: Path, plan: dict[str, Any], runs: list[PlannedRun]) -> Path
 # ---- running -------------------------------------------------------------------------------
 
 
-def trainer_command(run: PlannedRun, root: Path, accelerate_config: str | None) -> list[str]:
-    """The trainer as its own process: the CLI, or `accelerate launch` with the user's config."""
+def trainer_command(
+    run: PlannedRun, root: Path, accelerate_config: str | None, launch_args: list[str] | None = None
+) -> list[str]:
+    """The trainer as its own process: the CLI, or `accelerate launch` with the user's config (and launch_args,
+    e.g. a --main_process_port of its own)."""
     args = [*run.args, "--output_dir", str(root / run.path)]
     if accelerate_config is None:
         return die_with_parent([sys.executable, "-m", "diffusers_optim.cli", "train", *args])
     exe = shutil.which("accelerate")
     launch = [exe, "launch"] if exe else [sys.executable, "-m", "accelerate.commands.launch"]
-    return die_with_parent([*launch, "--config_file", accelerate_config, str(TRAIN_SCRIPT), *args])
+    launch += ["--config_file", accelerate_config, *(launch_args or [])]
+    return die_with_parent([*launch, str(TRAIN_SCRIPT), *args])
 
 
 def die_with_parent(cmd: list[str]) -> list[str]:
@@ -439,6 +448,30 @@ def shown_command(cmd: list[str]) -> str:
     if len(cmd) > 3 and cmd[1:3] == ["-c", DIE_WITH_PARENT]:
         cmd = cmd[4:]
     return shlex.join(redact_argv(cmd))
+
+
+def launch_run(
+    run: PlannedRun,
+    state: str,
+    root: Path,
+    accelerate_config: str | None,
+    launcher: Launcher,
+    launch_args: list[str] | None = None,
+) -> int:
+    """Train one run that is not complete, from the state of its folder (see run_state); returns the exit status.
+
+    The local pool calls it on the comparison's machine, the Ray backend inside the run's task on its node."""
+    cmd = trainer_command(run, root, accelerate_config, launch_args)
+    if state == "resume":
+        cmd += ["--resume_from_checkpoint", "latest"]
+    elif state == "restart":
+        remove_run_dir(root / run.path)  # killed before its first checkpoint: nothing to keep
+    return launcher(cmd, run_log(root, run))
+
+
+def run_log(root: Path, run: PlannedRun) -> Path:
+    """The file a run's trainer output is appended to (every attempt of the run)."""
+    return root / rundir.LOGS / f"{run.name}.log"
 
 
 def launch_subprocess(cmd: list[str], log_path: Path) -> int:
@@ -520,8 +553,10 @@ def execute(
     accelerate_config: str | None,
     num_parallel: int = 1,
     progress_every: float | None = None,
+    ray: RaySettings | None = None,
 ) -> dict[str, str]:
-    """Train every run not already complete (num_parallel at a time); a failure is recorded and the rest go on."""
+    """Train every run not already complete (num_parallel at a time on the local pool, or as Ray tasks when `ray`
+    is given); a failure is recorded and the rest go on."""
     from concurrent.futures import ThreadPoolExecutor
 
     failures_path = root / rundir.FAILURES
@@ -530,40 +565,50 @@ def execute(
     stage = "tuning" if runs and runs[0].stage == "tune" else "runs"
     board = ProgressBoard(root, [(r.name, r.path) for r in runs], stage)
     logger.info(
-        "%s: %d to train, %d at a time; each run's full output goes to %s",
+        "%s: %d to train, %s; each run's full output goes to %s",
         stage,
         len(runs),
-        num_parallel,
+        f"{num_parallel} at a time" if ray is None else ray.describe(),
         root / "logs" / "<run>.log",
     )
 
-    def train_one(run: PlannedRun) -> None:
-        state = run_state(run, root)
-        if state == "complete":
-            logger.info("reusing complete run %s", run.path)
-            board.reused(run.name)
-        else:
-            board.started(run.name)
-            cmd = trainer_command(run, root, accelerate_config)
-            if state == "resume":
-                cmd += ["--resume_from_checkpoint", "latest"]
-            elif state == "restart":
-                remove_run_dir(root / run.path)  # killed before its first checkpoint: nothing to keep
-            log_path = root / rundir.LOGS / f"{run.name}.log"
-            status = launcher(cmd, log_path)
+    def record(run: PlannedRun, ok: bool, status: int | str = 0) -> None:
         with lock:
-            ok = state == "complete" or (status == 0 and run_state(run, root) == "complete")
             if ok:
                 failures.pop(run.name, None)
             else:
-                failures[run.name] = f"exit status {status}\n{last_lines(log_path)}".strip()
-                logger.warning("run %s FAILED (exit status %s); see %s", run.name, status, log_path)
+                what = f"exit status {status}" if isinstance(status, int) else status
+                failures[run.name] = f"{what}\n{last_lines(run_log(root, run))}".strip()
+                logger.warning("run %s FAILED (%s); see %s", run.name, what.splitlines()[0], run_log(root, run))
             rundir.write_json(failures_path, failures)
-        if state != "complete":
-            board.finished(run.name, ok)
 
-    with live_view(board, progress_every), ThreadPoolExecutor(max_workers=num_parallel) as pool:
-        list(pool.map(train_one, runs))  # list() re-raises the first exception of a worker
+    def reused(run: PlannedRun, state: str) -> bool:
+        if state == "complete":
+            logger.info("reusing complete run %s", run.path)
+            board.reused(run.name)
+            record(run, True)
+        return state == "complete"
+
+    def finished(run: PlannedRun, status: int | str) -> None:
+        ok = status == 0 and run_state(run, root) == "complete"
+        record(run, ok, status)
+        board.finished(run.name, ok)
+
+    def train_one(run: PlannedRun) -> None:
+        state = run_state(run, root)
+        if not reused(run, state):
+            board.started(run.name)
+            finished(run, launch_run(run, state, root, accelerate_config, launcher))
+
+    with live_view(board, progress_every):
+        if ray is None:
+            with ThreadPoolExecutor(max_workers=num_parallel) as pool:
+                list(pool.map(train_one, runs))  # list() re-raises the first exception of a worker
+        else:
+            from diffusers_optim import ray_backend
+
+            todo = [run for run in runs if not reused(run, run_state(run, root))]
+            ray_backend.execute(todo, root, accelerate_config, ray, board.started, finished)
     return failures
 
 
@@ -648,9 +693,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--num_parallel",
         type=int,
-        default=1,
-        help="Runs trained at once (each gets cores/N threads); on GPUs pair it with CUDA_VISIBLE_DEVICES per run.",
+        default=None,
+        help="Runs trained at once by --backend local (each gets cores/N threads; default: 1); on GPUs pair it "
+        "with CUDA_VISIBLE_DEVICES per run.",
     )
+    add_ray_flags(parser)
     parser.add_argument(
         "--progress_every",
         type=float,
@@ -679,6 +726,7 @@ class Comparison:
     command: str
     num_parallel: int = 1
     progress_every: float | None = None
+    ray: RaySettings | None = None  # --backend ray: where and with what each run is scheduled; None: local pool
     secrets: dict[str, str] = field(default_factory=dict, repr=False)  # e.g. hub_token, for the trainers' env
 
 
@@ -693,8 +741,9 @@ def parse_comparison(argv: list[str]) -> Comparison:
         raise UserError(f"accelerate config not found: {args.accelerate_config}")
     if args.accelerate_config and not TRAIN_SCRIPT.is_file():
         raise UserError(f"--accelerate_config needs {TRAIN_SCRIPT} (a source checkout of diffusers-optim)")
-    if args.num_parallel < 1:
+    if args.num_parallel is not None and args.num_parallel < 1:
         raise UserError(f"--num_parallel must be at least 1 (got {args.num_parallel})")
+    ray = resolve_backend(args)
     if args.progress_every is not None and not args.progress_every > 0:
         raise UserError(f"--progress_every must be a positive number of seconds (got {args.progress_every})")
     if args.rank_by is not None and not args.rank_by.startswith(METRIC_PREFIXES):
@@ -724,13 +773,20 @@ def parse_comparison(argv: list[str]) -> Comparison:
         overwrite=args.overwrite,
         command=command,
         secrets=secrets,
-        num_parallel=args.num_parallel,
+        num_parallel=args.num_parallel or 1,
         progress_every=args.progress_every,
+        ray=ray,
     )
 
 
 def run_comparison(cmp: Comparison, launcher: Launcher = launch_subprocess) -> dict[str, Path]:
     """Plan, (tune,) train every run, then write the summary and reports; returns the report paths."""
+    with connected(cmp.ray):  # --backend ray: on the cluster for the whole comparison (a no-op otherwise)
+        return plan_and_train(cmp, launcher)
+
+
+def plan_and_train(cmp: Comparison, launcher: Launcher) -> dict[str, Path]:
+    """run_comparison's body: the plan, the tuning stage, the final stage, the summary."""
     cmp.root.mkdir(parents=True, exist_ok=True)
     plan: dict[str, Any] = dict(
         command=cmp.command,
@@ -743,6 +799,8 @@ def run_comparison(cmp: Comparison, launcher: Launcher = launch_subprocess) -> d
         train_args=cmp.common,
         run_group=cmp.group,
         accelerate_config=cmp.accelerate_config,
+        backend="ray" if cmp.ray else "local",
+        ray=cmp.ray.as_dict() if cmp.ray else None,
     )
     tune: list[PlannedRun] = []
     if cmp.grid:
@@ -753,7 +811,7 @@ def run_comparison(cmp: Comparison, launcher: Launcher = launch_subprocess) -> d
         ]
         write_plan(cmp.root, {**plan, "chosen_lr": None}, tune)
         check_reusable(tune, cmp.root, cmp.overwrite)
-        execute(tune, cmp.root, launcher, cmp.accelerate_config, cmp.num_parallel, cmp.progress_every)
+        execute(tune, cmp.root, launcher, cmp.accelerate_config, cmp.num_parallel, cmp.progress_every, cmp.ray)
     chosen = choose_lrs(cmp.arms, tune, cmp.root) if cmp.grid else {a.label: a.choice.lr for a in cmp.arms}
     final = [
         plan_run(a, chosen[a.label], s, "final", cmp.common, cmp.group) for a in cmp.arms for s in cmp.seeds
@@ -761,7 +819,7 @@ def run_comparison(cmp: Comparison, launcher: Launcher = launch_subprocess) -> d
     write_plan(cmp.root, {**plan, "chosen_lr": chosen}, tune + final)
     check_reusable(final, cmp.root, cmp.overwrite)
     link_tuned_runs(final, tune, cmp.root)
-    execute(final, cmp.root, launcher, cmp.accelerate_config, cmp.num_parallel, cmp.progress_every)
+    execute(final, cmp.root, launcher, cmp.accelerate_config, cmp.num_parallel, cmp.progress_every, cmp.ray)
     return summarize(cmp.root, cmp.target, cmp.rank_by)
 
 
@@ -775,7 +833,8 @@ def main(argv: list[str] | None = None) -> int:
     # the trainers find a --hub_token in their environment (HF_TOKEN), so it is in no command line or file
     os.environ.update({SECRET_ENV[key]: value for key, value in cmp.secrets.items()})
     # one comparison per folder; a comparison killed a moment ago lost its lock with its life
-    with rundir.locked(cmp.root, "comparison folder"):
+    # connected first: a cluster that cannot be reached is an error before the folder is touched
+    with connected(cmp.ray), rundir.locked(cmp.root, "comparison folder"):
         paths = run_comparison(cmp)
     logger.info("summary: %s, %s", paths["summary_json"], paths["summary_csv"])
     logger.info("\n%s", final_lines(read_json(paths["summary_json"]), paths["report_html"]))

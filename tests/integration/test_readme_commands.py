@@ -8,6 +8,7 @@ config file is read with accelerate's own loader (GPU topologies cannot run here
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 from pathlib import Path
@@ -47,7 +48,6 @@ def shell_commands(path: Path) -> list[str]:
     return commands
 
 
-COMMANDS = [(path.relative_to(ROOT).as_posix(), cmd) for path in DOCS for cmd in shell_commands(path)]
 
 
 def flag_values(args: list[str]) -> dict[str, str]:
@@ -91,6 +91,21 @@ def split_launcher(words: list[str]) -> tuple[str | None, str, list[str]]:
     raise AssertionError(f"no training command in {' '.join(words)}")
 
 
+def unique(commands: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Each command once: a script may repeat one shown before it (e.g. after `exec`)."""
+    seen: set[str] = set()
+    kept = []
+    for source, command in commands:
+        key = command.removeprefix("exec ")
+        if key not in seen:
+            seen.add(key)
+            kept.append((source, command))
+    return kept
+
+
+COMMANDS = unique([(path.relative_to(ROOT).as_posix(), cmd) for path in DOCS for cmd in shell_commands(path)])
+
+
 def in_process(cmd: list[str], log_path: Path) -> int:
     """compare's launcher, running each planned trainer command (`python -m diffusers_optim.cli ...`) in-process."""
     from diffusers_optim.compare import DIE_WITH_PARENT
@@ -124,6 +139,14 @@ def test_command_runs_as_written_at_tiny_scale(source, command, tmp_path, offlin
         assert cli.main(["train", *args]) == 0, command
         assert (tmp_path / "out" / "run_summary.json").is_file()
     else:
-        cmp = compare.parse_comparison(args)
+        cmp = compare.parse_comparison(args)  # a --backend ray command's flags too, as written
+        if cmp.ray is not None:
+            # its runs train here on the local pool, in this process (a cluster of GPUs cannot run here; the Ray
+            # path itself is tests/integration/test_ray_backend.py)
+            if cmp.accelerate_config:
+                from accelerate.commands.config.config_args import load_config_from_file
+
+                assert load_config_from_file(cmp.accelerate_config).num_processes == cmp.ray.gpus_per_run
+            cmp = dataclasses.replace(cmp, ray=None, accelerate_config=None)
         compare.run_comparison(cmp, launcher=in_process)
         assert (tmp_path / "out" / "summary.json").is_file()

@@ -90,3 +90,22 @@ def test_grad_probe_benchmark_reports_the_ratio_and_each_kind_of_steps_peak(tmp_
     (memory,) = report["memory"]
     assert memory["other_peak_mb"] > 0 and memory["log_vs_other"] > 0 and memory["probe_vs_other"] > 0
     assert "ratio" in module.format_table(report)
+
+
+def test_bench_ray_overhead_plans_the_same_comparison_both_ways(tmp_path):
+    """bench_ray_overhead.py's two comparisons pass compare's own checks and differ only in the backend flags (its
+    timed run needs a Ray cluster and 16 trainer processes: run by hand, see benchmarks/README.md)."""
+    from diffusers_optim import compare
+
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("Ray is not installed: pip install 'diffusers-optim[ray]' (the test extra has it)")
+    spec = importlib.util.spec_from_file_location("bench_ray_overhead", SCRIPT.parent / "bench_ray_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.parse_args(["--steps", "3"])
+    local, ray = (compare.parse_comparison(module.comparison_argv(b, tmp_path / b, args)) for b in ("local", "ray"))
+    assert (local.ray, local.num_parallel) == (None, 2)
+    assert (ray.ray.cpus_per_run, ray.ray.address) == (1.0, None)
+    assert len(local.arms) * len(local.seeds) == 8 and local.common == ray.common
+    with pytest.raises(SystemExit):
+        module.parse_args(["--rounds", "0"])

@@ -1,0 +1,250 @@
+"""`compare --backend ray` on a real local Ray cluster: the same results as the local pool, a killed trainer resumed
+from its checkpoint by Ray's retry, and one-line errors for bad backend flags before anything is touched.
+
+The cluster is the one `--ray_address local` starts for the comparison (ray.init(address="local") in the driver,
+all of this machine's CPUs); `ray start`/`ray stop` are not used, since `ray stop` ends every Ray process of the
+machine. Each run is deterministic, so the same comparison on Ray and on the local pool gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from diffusers_optim import cli, rundir
+from diffusers_optim.checkpoint import latest_usable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_compare import TRAIN_FLAGS  # noqa: E402  (the tiny comparison of the local end-to-end test)
+
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                               reason="Ray is not installed: pip install 'diffusers-optim[ray]' (the test extra has it)")
+OPTIMIZERS = ["--optimizers", "adamw:lr=1e-3", "sgd:lr=0.05,momentum=0.9", "--seeds", "0", "1"]
+# what depends on the machine's load or the backend, not on the training
+NOT_COMPARED = ("perf/", "elapsed", "seconds", "time", "img", "peak", "wall")
+
+
+def environment() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+            "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def compare_command(out: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "diffusers_optim.cli", "compare", *args, "--output_dir", str(out)]
+
+
+def compared_values(row: dict) -> dict[str, float]:
+    """A summary row's training results: every metric but those of time, speed and memory."""
+    return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and not any(word in k for word in NOT_COMPARED)}
+
+
+def headings(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.startswith("#")]
+
+
+# ---- the same comparison on Ray and on the local pool ------------------------------------------------------------
+@needs_ray
+@pytest.mark.slow
+def test_ray_backend_matches_the_local_pool(tmp_path):
+    """2 optimizers x 2 seeds through `--backend ray` on a real local cluster: the summary (every final metric per
+    run and per arm, the ranking) and the report's sections are those of the same comparison on the local pool."""
+    backends = {"local": ["--num_parallel", "2"], "ray": ["--backend", "ray", "--ray_address", "local"]}
+    # both at once: each waits at times (the cluster starting, a report being written) while the other trains
+    drivers = {name: subprocess.Popen(compare_command(tmp_path / name, *OPTIMIZERS, *flags, "--progress_every", "0.5",
+                                                      *TRAIN_FLAGS),
+                                      env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for name, flags in backends.items()}
+    try:
+        outputs = {name: driver.communicate(timeout=400)[0] for name, driver in drivers.items()}
+    finally:
+        for driver in drivers.values():
+            if driver.poll() is None:
+                driver.kill()
+    for name, driver in drivers.items():
+        assert driver.returncode == 0, outputs[name][-3000:]
+    local, ray_out, stdout = tmp_path / "local", tmp_path / "ray", outputs["ray"]
+
+    assert json.loads((ray_out / "plan.json").read_text())["backend"] == "ray"
+    assert sorted(p.name for p in ray_out.iterdir()) == sorted(p.name for p in local.iterdir())
+    ours, theirs = (json.loads((d / "summary.json").read_text()) for d in (ray_out, local))
+    assert {r["status"] for r in ours["runs"]} == {"complete"} and len(ours["runs"]) == 4
+    by_run = {r["run"]: r for r in theirs["runs"]}
+    assert sorted(by_run) == sorted(r["run"] for r in ours["runs"])
+    for row in ours["runs"]:
+        values = compared_values(row)
+        assert "val/loss" in values and "loss_t/75-99" in values and "eval/fd" in values, sorted(values)
+        assert values == pytest.approx(compared_values(by_run[row["run"]]), rel=1e-5), row["run"]
+        assert "==> " in (ray_out / "logs" / f"{row['run']}.log").read_text()  # its trainer ran in a Ray task
+        assert f"started {row['run']} (log: " in stdout
+    assert [(a["arm"], a["rank"]) for a in ours["arms"]] == [(a["arm"], a["rank"]) for a in theirs["arms"]]
+    for ours_arm, their_arm in zip(ours["arms"], theirs["arms"]):
+        assert compared_values(ours_arm) == pytest.approx(compared_values(their_arm), rel=1e-5, nan_ok=True)
+    assert headings(ray_out / "report.md") == headings(local / "report.md")
+    assert "as a Ray task of 1 CPU and 0 GPU" in stdout
+
+
+# ---- a trainer killed under Ray ---------------------------------------------------------------------------------
+def with_flags(flags: list[str], **values: str) -> list[str]:
+    """flags with some values replaced (or added)."""
+    out = list(flags)
+    for key, value in values.items():
+        if f"--{key}" in out:
+            out[out.index(f"--{key}") + 1] = value
+        else:
+            out += [f"--{key}", value]
+    return out
+
+
+# a longer run, logged every step, with a checkpoint every 10 steps
+FAULT_FLAGS = with_flags(TRAIN_FLAGS, max_train_steps="60", logging_steps="1", checkpointing_steps="10",
+                         validation_steps="0")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie is dead too
+
+
+class HolderWatch(threading.Thread):
+    """Records every trainer that holds the run folder's lock, and whether the previous one was still alive then."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(daemon=True)
+        self.run_dir, self.pids, self.overlaps = run_dir, [], []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.02):
+            pid = rundir.read_json(self.run_dir / rundir.HOLDER).get("pid")
+            if isinstance(pid, int) and (not self.pids or pid != self.pids[-1]):
+                if self.pids and pid_alive(self.pids[-1]):
+                    self.overlaps.append((self.pids[-1], pid))
+                self.pids.append(pid)
+
+
+def wait_for(condition, what: str, driver: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert driver.poll() is None, f"the comparison ended before {what}"
+        assert time.monotonic() < deadline, f"no {what} in {timeout} s"
+        time.sleep(0.02)
+
+
+@needs_ray
+@pytest.mark.slow
+def test_a_killed_trainer_resumes_under_ray_and_ctrl_c_leaves_the_run_resumable(tmp_path):
+    """SIGKILL to a run's trainer mid-run: Ray retries the task, which resumes the run from its last checkpoint. Then
+    Ctrl-C (SIGINT to the comparison's process group, as a terminal sends it) cancels the task: the trainer saves a
+    checkpoint and stops, the comparison exits 130, and the same command resumes the run and completes it. At no
+    moment did two trainers hold the run's folder."""
+    out = tmp_path / "cmp"
+    run_dir = out / "runs" / "adamw-lr0.001-s0"
+    log_path = out / "logs" / "adamw-lr0.001-s0.log"
+    cmd = compare_command(out, "--optimizers", "adamw:lr=1e-3", "--seeds", "0", "--backend", "ray",
+                          "--ray_address", "local", "--max_retries", "1", *FAULT_FLAGS)
+    watch = HolderWatch(run_dir)
+    watch.start()
+    driver = subprocess.Popen(cmd, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)  # its own process group, as a shell's foreground job
+    try:
+        wait_for(lambda: latest_usable(run_dir, warn=False) is not None, "checkpoint", driver)
+        victim = rundir.read_json(run_dir / rundir.HOLDER)["pid"]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: "resumed from" in log_path.read_text(), "resume", driver)
+        resumed_pid = watch.pids[-1]
+        os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C
+        stdout, _ = driver.communicate(timeout=240)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    log = log_path.read_text()
+    assert driver.returncode == 130, stdout[-3000:] + log[-3000:]
+    assert "interrupted: cancelling 1 Ray tasks" in stdout and "the same command resumes them" in stdout
+    assert resumed_pid != victim and not pid_alive(resumed_pid)
+    assert re.search(r"interrupted \(SIG(TERM|INT)\) after step \d+: checkpoint saved", log), log[-3000:]
+    assert rundir.run_state(run_dir) == "resumable" and not rundir.is_complete(run_dir)
+
+    again = subprocess.run(cmd, env=environment(), capture_output=True, text=True, timeout=300)
+    watch.done.set()
+    watch.join()
+    log = log_path.read_text()
+    assert again.returncode == 0, again.stdout[-3000:] + log[-3000:]
+    assert rundir.is_complete(run_dir) and rundir.read_json(out / rundir.FAILURES) == {}
+    # three attempts: the first, Ray's retry after the kill (resumed), the rerun after Ctrl-C (resumed)
+    launches = [line for line in log.splitlines() if line.startswith("==> ")]
+    assert len(launches) == 3 and "--resume_from_checkpoint" not in launches[0], launches
+    assert all(line.endswith("--resume_from_checkpoint latest") for line in launches[1:]), launches
+    resumed = re.findall(r"resumed from \S+/checkpoint-(\d+) at step (\d+)", log)
+    first, last = (int(step) for _, step in (resumed[0], resumed[-1]))
+    assert all(int(c) == int(s) for c, s in resumed) and first % 10 == 0 and last >= first, resumed
+    assert f"taking over the lock of pid {victim}, which is no longer running" in log
+    steps = [r["step"] for r in rundir.read_metrics(run_dir / rundir.METRICS) if "train/loss" in r]
+    assert steps == list(range(1, 61))  # one record per step: what the killed attempt did past its checkpoint is gone
+    # one trainer at a time: each took the lock only once the one before it was dead
+    assert len(watch.pids) == 3 and watch.pids[:2] == [victim, resumed_pid] and not watch.overlaps, watch.pids
+    assert "is in use by another process" not in log
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["status"] for r in summary["runs"]] == ["complete"]
+
+
+# ---- bad input: one line, exit 2, nothing touched ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--backend", "rey"], "unknown backend 'rey'. Did you mean 'ray'? Valid: local, ray"),
+        (["--gpus_per_run", "1"], "--gpus_per_run is a flag of --backend ray"),
+        (["--ray_address", "auto"], "--ray_address is a flag of --backend ray"),
+        (["--backend", "ray", "--num_parallel", "2"], "--num_parallel is a flag of --backend local"),
+        (["--backend", "ray", "--cpus_per_run", "0"], "--cpus_per_run must be a positive number, got '0'"),
+        (["--backend", "ray", "--cpus_per_run", "two"], "--cpus_per_run: cannot read 'two' as a number"),
+        (["--backend", "ray", "--cpus_per_run", "inf"], "--cpus_per_run must be a positive number"),
+        (["--backend", "ray", "--gpus_per_run", "-1"], "--gpus_per_run must be a non-negative number"),
+        (["--backend", "ray", "--gpus_per_run", "1.5"], "takes whole GPUs"),
+        (["--backend", "ray", "--gpus_per_run", "2"], "--gpus_per_run 2 needs --accelerate_config with num_processes: 2"),
+        (["--backend", "ray", "--max_retries", "-1"], "--max_retries must be 0 or more"),
+        (["--backend", "ray", "--max_retries", "2.5"], "--max_retries: cannot read '2.5' as a whole number"),
+        (["--backend", "ray", "--ray_address", "headnode"], "--ray_address 'headnode': expected auto, local, HOST:PORT"),
+        (["--backend", "ray", "--ray_address", "ray://h:99999"], "expected auto, local, HOST:PORT or ray://HOST:PORT"),
+    ],
+)
+def test_bad_backend_flags_are_one_line_errors(tmp_path, capsys, argv, message):
+    out = tmp_path / "cmp"
+    code = cli.main(["compare", "--optimizers", "adamw", "--output_dir", str(out), *argv, "--max_train_steps", "5"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert message in lines[0], lines[0]
+    assert not out.exists()
+
+
+def test_gpus_per_run_must_match_the_accelerate_config(tmp_path, capsys):
+    config = tmp_path / "four.yaml"
+    config.write_text("distributed_type: MULTI_GPU\nnum_machines: 1\nnum_processes: 4\n")
+    code = cli.main(["compare", "--optimizers", "adamw", "--output_dir", str(tmp_path / "cmp"), "--backend", "ray",
+                     "--gpus_per_run", "2", "--accelerate_config", str(config)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err
+    assert f"{config} has num_processes: 4" in err and not (tmp_path / "cmp").exists()
+
+
+def test_backend_ray_without_ray_names_the_extra(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what an environment without Ray looks like to importlib
+    code = cli.main(["compare", "--optimizers", "adamw", "--output_dir", str(tmp_path / "cmp"), "--backend", "ray"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert err == "error: --backend ray needs Ray, which is not installed: pip install 'diffusers-optim[ray]'"
+    assert not (tmp_path / "cmp").exists()
