@@ -94,13 +94,14 @@ def sync(device: torch.device) -> None:
 class TrainerLoop:
     """The real Trainer, one `Trainer.run_step` per call, as `Trainer.train` runs it (minus the progress bar)."""
 
-    def __init__(self, args: argparse.Namespace, preset: str, output_dir: Path):
+    def __init__(self, args: argparse.Namespace, preset: str, output_dir: Path, **overrides: Any):
+        """`overrides`: further TrainConfig fields (benchmarks/gpu_throughput.py sets mixed precision and compile)."""
         from tqdm.auto import tqdm
 
         from diffusers_optim.config import TrainConfig
         from diffusers_optim.trainer import Trainer
 
-        cfg = TrainConfig(
+        settings = dict(
             model_preset=preset,
             resolution=args.resolution,
             train_batch_size=args.batch_size,
@@ -117,8 +118,10 @@ class TrainerLoop:
             eval_steps=0,
             checkpointing_steps=0,
         )
-        self.trainer = Trainer(cfg)
+        self.trainer = Trainer(TrainConfig(**{**settings, **overrides}))
         self.trainer.start()
+        if self.trainer.cfg.torch_compile:  # as Trainer.train does: the compile before step 1, timed apart
+            self.trainer.compile_s = self.trainer.warm_up_compile()
         self.batches = iter(self.trainer.build_loader())
         self.bar = tqdm(disable=True)
         self.trainer.t_start = time.perf_counter()
@@ -204,9 +207,13 @@ def timed_interval(
 
 
 def measure_preset(args: argparse.Namespace, preset: str, output_dir: Path) -> dict[str, Any]:
-    """Warm both loops up, then time them interleaved, one logging interval per repeat; medians of the repeats."""
+    """The Trainer and the bare loop of one preset, timed side by side (measure_loops)."""
     trainer = TrainerLoop(args, preset, output_dir)
-    bare = BareLoop(trainer)
+    return measure_loops(args, preset, trainer, BareLoop(trainer))
+
+
+def measure_loops(args: argparse.Namespace, preset: str, trainer: TrainerLoop, bare: BareLoop) -> dict[str, Any]:
+    """Warm both loops up, then time them interleaved, one logging interval per repeat; medians of the repeats."""
     device, interval = bare.device, args.logging_steps
     loops = [("trainer", trainer.step), ("bare", bare.step)]
     # Whole logging intervals, so every timed interval of the Trainer ends on exactly one log step.

@@ -15,7 +15,8 @@ from diffusers_optim.config import RECORD_FIELDS, TrainConfig, coerce_value, fie
 
 # Runs differing only in these are seeds of one arm: the seed, where and how a run is recorded (config.RECORD_FIELDS),
 # and how fast, not what: the same maths to float rounding, and one mode for every arm (--grid refuses them).
-NOT_ARM_KEYS = frozenset({"seed", *RECORD_FIELDS, "torch_compile", "compile_mode", "channels_last", "allow_tf32"})
+NOT_ARM_KEYS = frozenset({"seed", *RECORD_FIELDS, "torch_compile", "compile_mode", "channels_last", "allow_tf32",
+                          "sample_batch_size"})
 SHORT_NAMES = {"learning_rate": "lr"}
 
 

@@ -39,7 +39,7 @@ FREE_FIELDS = (
     # schedule follows the new length and config.json records it
     "num_epochs", "max_train_steps",
     "num_timestep_buckets", "logging_steps", "validation_steps", "sample_steps", "eval_steps",
-    "num_samples", "num_eval_samples", "num_inference_steps", "inception_weights",
+    "num_samples", "num_eval_samples", "num_inference_steps", "sample_batch_size", "inception_weights",
     "allow_config_change", "local_rank", "save_images_epochs", "save_model_epochs", "logging_dir",
     "enable_xformers_memory_efficient_attention",
 )
@@ -155,6 +155,7 @@ class TrainConfig:
     num_samples: int = field(default=16, metadata={"aliases": ["--eval_batch_size"], "help": "Images in the sample grid (fixed-seed noise); --eval_batch_size is diffusers' name."})
     num_eval_samples: int = field(default=256, metadata={"help": "Samples drawn for the quality metrics."})
     num_inference_steps: int = field(default=100, metadata={"aliases": ["--ddpm_num_inference_steps"], "help": "DDPM sampling steps; --ddpm_num_inference_steps is diffusers' name."})
+    sample_batch_size: int = field(default=32, metadata={"help": "Images each process generates per forward pass when sampling (grid and quality metrics); the chunks are shared among the processes, and the images do not depend on their number."})
     save_images_epochs: int | None = field(default=None, metadata={"help": "diffusers' cadence: a sample grid every N epochs (N x steps per epoch); replaces --sample_steps."})
     save_model_epochs: int | None = field(default=None, metadata={"help": "diffusers' cadence: save the pipeline to --output_dir every N epochs (it is always saved at the end)."})
     inception_weights: str | None = field(default=None, metadata={"help": "Path to FID Inception weights on disk, for FID on non-digits data."})
@@ -204,7 +205,8 @@ RANGES: dict[str, tuple[float, bool]] = {
     "init_seed": (0, True), "ema_inv_gamma": (0, False), "ema_power": (0, False), "ema_max_decay": (0, False),
     "max_nonfinite_steps": (1, True), "num_timestep_buckets": (1, True), "logging_steps": (0, True),
     "validation_steps": (0, True), "sample_steps": (0, True), "eval_steps": (0, True), "num_samples": (1, True),
-    "num_eval_samples": (1, True), "num_inference_steps": (1, True), "checkpointing_steps": (0, True),
+    "num_eval_samples": (1, True), "num_inference_steps": (1, True), "sample_batch_size": (1, True),
+    "checkpointing_steps": (0, True),
     "checkpoints_total_limit": (1, True), "save_images_epochs": (1, True), "save_model_epochs": (1, True),
     "num_validation_draws": (1, True), "max_bad_images": (0, True), "ddp_timeout": (1, True),
 }

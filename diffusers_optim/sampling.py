@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -87,24 +88,81 @@ class BatchStream(torch.utils.data.Sampler):
             micro += 1
 
 
+SAMPLING_STREAM = 0x5A3  # keeps the sampling noise's seeds apart from training's (step, micro) coordinates
+
+
+def sampling_generators(seed: int, indices: range) -> list[torch.Generator]:
+    """One CPU generator per image, seeded from (seed, the image's index) with the training noise's per-sample hash.
+
+    diffusers' DDPMPipeline and DDPMScheduler.step draw row i of every noise tensor from generator i, so image i's
+    noise (the start and every step's) is the same in any batch, on any process, at any process count. A CPU
+    generator, as before: the same images on every device.
+    """
+    return [torch.Generator().manual_seed(sample_seed(seed, SAMPLING_STREAM, 0, i)) for i in indices]
+
+
+def rank_chunks(num_images: int, chunk: int, rank: int, num_processes: int) -> list[range]:
+    """The images process `rank` generates: chunks of `chunk` consecutive indices, dealt round-robin (chunk k to
+    process k % num_processes), so every chunk holds the same images whatever the process count."""
+    return [range(s, min(s + chunk, num_images)) for s in range(rank * chunk, num_images, num_processes * chunk)]
+
+
+def sample_shape(unet) -> tuple[int, int, int]:
+    """(C, H, W) of the images DDPMPipeline draws with this UNet."""
+    size = unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return unet.config.in_channels, height, width
+
+
 @torch.no_grad()
 def generate_images(unet, noise_scheduler, num_images: int, seed: int, num_inference_steps: int,
-                    accelerator=None, batch_size: int = 256) -> torch.Tensor:
-    """`num_images` DDPM samples from fixed-seed noise, as a float tensor (N, C, H, W) in [-1, 1] on the CPU."""
+                    accelerator=None, batch_size: int = 32) -> torch.Tensor | None:
+    """`num_images` DDPM samples from fixed-seed noise, as a float tensor (N, C, H, W) in [-1, 1] on the CPU.
+
+    Every process generates its share (`rank_chunks` of `batch_size` images per forward pass) and the main process
+    gets them all, in order; the other processes get None. The result is bit-identical at any process count: each
+    image has its own noise and each chunk the same images (so even kernels whose rounding depends on the batch
+    size see the same batches).
+    """
     from diffusers import DDPMPipeline, DDPMScheduler
 
     pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     autocast = accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False)
-    chunks = []
     with autocast:
-        for start in range(0, num_images, batch_size):
-            n = min(batch_size, num_images - start)
-            out = pipe(batch_size=n, generator=generator, num_inference_steps=num_inference_steps,
-                       output_type="np").images
-            chunks.append(torch.from_numpy(np.ascontiguousarray(out)).permute(0, 3, 1, 2).float() * 2 - 1)
-    return torch.cat(chunks)
+        local = [_sample_chunk(pipe, chunk, seed, num_inference_steps)
+                 for chunk in rank_chunks(num_images, batch_size, rank, world)]
+    if world == 1:
+        return torch.cat(local)
+    return gather_chunks(local, num_images, batch_size, sample_shape(unet), accelerator)
+
+
+def _sample_chunk(pipe, indices: range, seed: int, num_inference_steps: int) -> torch.Tensor:
+    out = pipe(batch_size=len(indices), generator=sampling_generators(seed, indices),
+               num_inference_steps=num_inference_steps, output_type="np").images
+    return torch.from_numpy(np.ascontiguousarray(out)).permute(0, 3, 1, 2).float() * 2 - 1
+
+
+def gather_chunks(local: list[torch.Tensor], num_images: int, chunk: int, shape: tuple[int, ...],
+                  accelerator) -> torch.Tensor | None:
+    """Every process's chunks on the main process, in image order (None elsewhere).
+
+    One gather per round: in round j process r sends its chunk j, which is global chunk j * P + r, so the rounds
+    concatenated are the chunks in order; a short or missing chunk is padded with zeros, cut off at the end. A
+    round at a time bounds the device memory of a gather to P chunks, and only the main process keeps them.
+    """
+    world = accelerator.num_processes
+    rounds = math.ceil(math.ceil(num_images / chunk) / world)
+    kept = []
+    for j in range(rounds):
+        block = torch.zeros((chunk, *shape))
+        if j < len(local):
+            block[:len(local[j])] = local[j]
+        gathered = accelerator.gather(block.to(accelerator.device))  # (P * chunk, C, H, W), process order
+        if accelerator.is_main_process:
+            kept.append(gathered.cpu())
+    return torch.cat(kept)[:num_images] if accelerator.is_main_process else None
 
 
 def images_to_grid(images: torch.Tensor, upscale: int | None = None) -> Image.Image:

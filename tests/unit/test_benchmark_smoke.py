@@ -109,3 +109,44 @@ def test_bench_ray_overhead_plans_the_same_comparison_both_ways(tmp_path):
     assert len(local.arms) * len(local.seeds) == 8 and local.common == ray.common
     with pytest.raises(SystemExit):
         module.parse_args(["--rounds", "0"])
+
+
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_log_step_memory_benchmark_measures_each_kind_of_step_through_the_trainer(capsys):
+    bench = load_benchmark("bench_log_step_memory")
+    argv = ["--preset", "tiny", "--resolution", "8", "--batch_size", "4", "--logging_steps", "2", "--steps", "4",
+            "--warmup_steps", "1", "--grad_probe_steps", "3", "--num_validation_images", "8", "--threads", "1",
+            "--json"]
+    assert bench.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    result = report["result"]
+    # steps 2..5 measured: 2 and 4 log steps, 3 a probe step, 5 an ordinary one
+    assert result["memory"] == "rss" and result["steps"] == {"other": 1, "log": 2, "probe": 1}
+    assert result["other_peak_max_mb"] > 100  # a process with torch and diffusers loaded
+    assert 0.5 < result["log_vs_other_max"] < 2 and math.isfinite(result["probe_vs_other_median"])
+    assert "log steps" in bench.format_table(report) and report["settings"]["load_before"]
+
+
+def test_gpu_throughput_without_cuda_measures_nothing_and_says_so(monkeypatch, capsys):
+    bench = load_benchmark("gpu_throughput")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main([]) == 0
+    assert capsys.readouterr().out.strip() == bench.NO_CUDA
+
+
+def test_gpu_throughput_dry_run_times_the_trainer_against_the_bare_loop_in_a_child(capsys):
+    bench = load_benchmark("gpu_throughput")
+    assert bench.main(["--dry_run", "--precisions", "bf16", "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert "error" not in result, result.get("error")
+    assert result["config"]["precision"] == "bf16" and result["config"]["preset"] == "tiny"
+    assert result["device"] == "cpu" and len(result["repeats"]) == 2
+    for key in ("bare_s_per_step", "trainer_s_per_step", "s_per_step_ratio", "s_per_step_ratio_amortized"):
+        assert math.isfinite(result[key]) and result[key] > 0, key
+    assert "bf16" in bench.format_table([result])
