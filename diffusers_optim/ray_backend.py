@@ -212,18 +212,36 @@ def connected(settings: RaySettings | None) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
+    check_reachable(settings.address)
     try:
         # log_to_driver off: each trainer's output goes to its run's log file, as on the local pool
         ray.init(address=settings.address, log_to_driver=False, logging_level=logging.WARNING)
     except (ConnectionError, ValueError) as err:
-        where = f"at {settings.address}" if settings.address else "(RAY_ADDRESS, or one started on this machine)"
-        raise UserError(f"cannot connect to the Ray cluster {where}: {str(err).splitlines()[0]} "
-                        "(start one with `ray start --head`, or pass --ray_address local)") from None
+        flag = f"--ray_address {settings.address}" if settings.address else "--backend ray"
+        raise UserError(f"{flag}: {first_line(err)} (start a cluster with `ray start --head`, or pass "
+                        "--ray_address local for one on this machine)") from None
     try:
         check_cluster(settings)
         yield
     finally:
         ray.shutdown()
+
+
+def check_reachable(address: str | None) -> None:
+    """A HOST:PORT that nothing listens on is an error at once (ray.init would retry it for minutes)."""
+    if address in (None, "auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as err:
+        raise UserError(f"--ray_address {address}: nothing answers there ({err.strerror or err}); is the cluster "
+                        f"started (`ray start --head --port {port}` on {host})?") from None
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def check_cluster(settings: RaySettings) -> None:
@@ -296,9 +314,9 @@ def outcome(ref: Any) -> int | str:
     try:
         return int(ray.get(ref))
     except ray.exceptions.RayTaskError as err:  # raised by our task (TrainerDied after every retry, UserError)
-        return str(getattr(err, "cause", None) or err).strip().splitlines()[-1]
+        return first_line(getattr(err, "cause", None) or err)
     except ray.exceptions.RayError as err:  # the worker or node died on the last try; the task was cancelled
-        return f"Ray: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        return f"Ray: {type(err).__name__}: {first_line(err)}"
 
 
 def stop(pending: list[Any]) -> None:

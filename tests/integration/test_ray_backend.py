@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import re
 import signal
@@ -21,11 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from diffusers_optim import cli, rundir
+from diffusers_optim import cli, compare, rundir
 from diffusers_optim.checkpoint import latest_usable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_compare import TRAIN_FLAGS  # noqa: E402  (the tiny comparison of the local end-to-end test)
+from test_readme_commands import in_process  # noqa: E402  (compare's launcher, trainers in this process)
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                reason="Ray is not installed: pip install 'diffusers-optim[ray]' (the test extra has it)")
@@ -49,6 +51,13 @@ def compared_values(row: dict) -> dict[str, float]:
             and not any(word in k for word in NOT_COMPARED)}
 
 
+def files(folder: Path) -> list[str]:
+    """Every file a comparison folder holds, but the CLI's lock and the trainers' output (logs/): the in-process
+    comparison takes no lock and its trainers print to this process."""
+    return sorted(name for name in (p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+                  if name != ".lock" and not name.startswith("logs"))
+
+
 def headings(path: Path) -> list[str]:
     return [line for line in path.read_text().splitlines() if line.startswith("#")]
 
@@ -56,27 +65,28 @@ def headings(path: Path) -> list[str]:
 # ---- the same comparison on Ray and on the local pool ------------------------------------------------------------
 @needs_ray
 @pytest.mark.slow
-def test_ray_backend_matches_the_local_pool(tmp_path):
+def test_ray_backend_matches_the_local_pool(tmp_path, offline_env):
     """2 optimizers x 2 seeds through `--backend ray` on a real local cluster: the summary (every final metric per
-    run and per arm, the ranking) and the report's sections are those of the same comparison on the local pool."""
-    backends = {"local": ["--num_parallel", "2"], "ray": ["--backend", "ray", "--ray_address", "local"]}
-    # both at once: each waits at times (the cluster starting, a report being written) while the other trains
-    drivers = {name: subprocess.Popen(compare_command(tmp_path / name, *OPTIMIZERS, *flags, "--progress_every", "0.5",
-                                                      *TRAIN_FLAGS),
-                                      env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for name, flags in backends.items()}
+    run and per arm, the ranking) and the report's sections are those of the same comparison on the local pool.
+
+    The local comparison runs in this process meanwhile (compare's pool, its trainers in-process as in
+    test_readme_commands; the pool's own subprocess path is test_compare.py's): the same numbers from a trainer in
+    a Ray task and from one in another process also show that nothing in a run depends on where it ran."""
+    local, ray_out = tmp_path / "local", tmp_path / "ray"
+    cmd = compare_command(ray_out, *OPTIMIZERS, "--backend", "ray", "--ray_address", "local", "--progress_every", "0.5",
+                          *TRAIN_FLAGS)
+    driver = subprocess.Popen(cmd, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        outputs = {name: driver.communicate(timeout=400)[0] for name, driver in drivers.items()}
+        compare.run_comparison(compare.parse_comparison([*OPTIMIZERS, "--output_dir", str(local), *TRAIN_FLAGS]),
+                               launcher=in_process)
+        stdout = driver.communicate(timeout=400)[0]
     finally:
-        for driver in drivers.values():
-            if driver.poll() is None:
-                driver.kill()
-    for name, driver in drivers.items():
-        assert driver.returncode == 0, outputs[name][-3000:]
-    local, ray_out, stdout = tmp_path / "local", tmp_path / "ray", outputs["ray"]
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, stdout[-3000:]
 
     assert json.loads((ray_out / "plan.json").read_text())["backend"] == "ray"
-    assert sorted(p.name for p in ray_out.iterdir()) == sorted(p.name for p in local.iterdir())
+    assert files(ray_out) == files(local)
     ours, theirs = (json.loads((d / "summary.json").read_text()) for d in (ray_out, local))
     assert {r["status"] for r in ours["runs"]} == {"complete"} and len(ours["runs"]) == 4
     by_run = {r["run"]: r for r in theirs["runs"]}
@@ -107,7 +117,7 @@ def with_flags(flags: list[str], **values: str) -> list[str]:
 
 
 # a longer run, logged every step, with a checkpoint every 10 steps
-FAULT_FLAGS = with_flags(TRAIN_FLAGS, max_train_steps="60", logging_steps="1", checkpointing_steps="10",
+FAULT_FLAGS = with_flags(TRAIN_FLAGS, max_train_steps="40", logging_steps="1", checkpointing_steps="10",
                          validation_steps="0")
 
 
@@ -146,7 +156,7 @@ def wait_for(condition, what: str, driver: subprocess.Popen, timeout: float = 24
 
 @needs_ray
 @pytest.mark.slow
-def test_a_killed_trainer_resumes_under_ray_and_ctrl_c_leaves_the_run_resumable(tmp_path):
+def test_a_killed_trainer_resumes_under_ray_and_ctrl_c_leaves_the_run_resumable(tmp_path, caplog):
     """SIGKILL to a run's trainer mid-run: Ray retries the task, which resumes the run from its last checkpoint. Then
     Ctrl-C (SIGINT to the comparison's process group, as a terminal sends it) cancels the task: the trainer saves a
     checkpoint and stops, the comparison exits 130, and the same command resumes the run and completes it. At no
@@ -193,12 +203,24 @@ def test_a_killed_trainer_resumes_under_ray_and_ctrl_c_leaves_the_run_resumable(
     assert all(int(c) == int(s) for c, s in resumed) and first % 10 == 0 and last >= first, resumed
     assert f"taking over the lock of pid {victim}, which is no longer running" in log
     steps = [r["step"] for r in rundir.read_metrics(run_dir / rundir.METRICS) if "train/loss" in r]
-    assert steps == list(range(1, 61))  # one record per step: what the killed attempt did past its checkpoint is gone
+    assert steps == list(range(1, 41))  # one record per step: what the killed attempt did past its checkpoint is gone
     # one trainer at a time: each took the lock only once the one before it was dead
     assert len(watch.pids) == 3 and watch.pids[:2] == [victim, resumed_pid] and not watch.overlaps, watch.pids
     assert "is in use by another process" not in log
     summary = json.loads((out / "summary.json").read_text())
     assert [r["status"] for r in summary["runs"]] == ["complete"]
+
+    # once more: the complete run is reused on the driver, no task is submitted (so no cluster is even started)
+    import ray
+
+    cmp = compare.parse_comparison(cmd[cmd.index("compare") + 1 :])
+    (arm,) = cmp.arms
+    run = compare.plan_run(arm, arm.choice.lr, 0, "final", cmp.common, cmp.group)
+    assert run.path == "runs/adamw-lr0.001-s0"
+    with caplog.at_level(logging.INFO):
+        assert compare.execute([run], out, compare.launch_subprocess, None, ray=cmp.ray) == {}
+    assert "reusing complete run runs/adamw-lr0.001-s0" in caplog.text and not ray.is_initialized()
+    assert log_path.read_text() == log
 
 
 # ---- bad input: one line, exit 2, nothing touched ----------------------------------------------------------------
@@ -239,6 +261,17 @@ def test_gpus_per_run_must_match_the_accelerate_config(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and "\n" not in err
     assert f"{config} has num_processes: 4" in err and not (tmp_path / "cmp").exists()
+
+
+@needs_ray
+def test_a_cluster_address_nothing_answers_is_a_one_line_error(tmp_path, capsys):
+    """Port 1 on the loopback address: refused at once, before the comparison folder is created."""
+    code = cli.main(["compare", "--optimizers", "adamw", "--output_dir", str(tmp_path / "cmp"), "--backend", "ray",
+                     "--ray_address", "127.0.0.1:1", "--max_train_steps", "5"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err
+    assert err.startswith("error: --ray_address 127.0.0.1:1: nothing answers there (") and "ray start --head" in err
+    assert not (tmp_path / "cmp").exists()
 
 
 def test_backend_ray_without_ray_names_the_extra(tmp_path, capsys, monkeypatch):
