@@ -88,7 +88,8 @@ class StopRequest:
     def __init__(self, accelerator: Accelerator):
         self.accelerator = accelerator
         self.signum = 0
-        self.first_at = 0.0
+        self.first_at = self.left_at = 0.0
+        self.stopped_by_signal = False
         self.group = stop_group(accelerator)
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
@@ -110,8 +111,22 @@ class StopRequest:
         try:
             yield
         finally:
+            self.left_at = time.monotonic()
             for sig, handler in previous.items():
-                signal.signal(sig, handler)
+                signal.signal(sig, self.late(handler) if self.stopped_by_signal else handler)
+
+    def late(self, previous):
+        """After a signal stop: a copy of the signal still on its way (the launcher forwards to one worker after
+        another, so on a busy machine it can arrive after this process has agreed, saved and left the loop) is the
+        same request and ignored; a signal more than REPEAT_WINDOW_S after that gets the previous handler."""
+
+        def handle(signum: int, frame: FrameType | None) -> None:
+            if time.monotonic() - self.left_at <= REPEAT_WINDOW_S:
+                return
+            signal.signal(signum, previous)
+            signal.raise_signal(signum)
+
+        return handle
 
     def agreed(self, diverged: bool = False) -> Stop | None:
         """One decision for all processes at this step boundary: stop if any process got a signal or diverged."""
@@ -121,6 +136,7 @@ class StopRequest:
             flags = torch.tensor(local, dtype=torch.int32)
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self.group)
             local = flags.tolist()
+        self.stopped_by_signal = bool(local[0])  # this process's own copy of the signal may still be on its way
         return Stop(signum=local[0], diverged=bool(local[1])) if any(local) else None
 
 

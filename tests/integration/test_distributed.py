@@ -142,6 +142,8 @@ def test_sigint_and_sigterm_inside_a_step_stop_both_processes_with_one_checkpoin
         resume = ["--resume_from_checkpoint", "latest"] if i else []
         proc = run_two_processes([*flags, *resume], offline_env, f"{rank}:{step}:{where}:{signame}:{target}", log)
         context = f"stop {i} ({signame} {target} in the {where} of step {step})\n{proc.stderr[-4000:]}"
+        missing = [p.name for p in (log / "signal.json", log / "exit-0.json", log / "exit-1.json") if not p.is_file()]
+        assert not missing, f"{context}\nnot written: {missing} (a process died before its exit, see above)"
         sent = json.loads((log / "signal.json").read_text())["time"]
         exits = [json.loads((log / f"exit-{r}.json").read_text()) for r in (0, 1)]
         assert [e["code"] for e in exits] == [130, 130], context

@@ -25,7 +25,36 @@ def test_a_signal_sets_the_flag_and_the_loop_decides():
         os.kill(os.getpid(), signal.SIGTERM)  # a real signal: no exception, the process goes on
         stop = request.agreed()
     assert stop == Stop(signum=signal.SIGTERM) and stop.signal_name == "SIGTERM"
-    assert signal.getsignal(signal.SIGTERM) is previous  # handlers restored after the loop
+    signal.signal(signal.SIGTERM, previous)  # (after a signal stop the late-copy handler stays: see below)
+    with StopRequest(PartialState()).listening():
+        pass
+    assert signal.getsignal(signal.SIGTERM) is previous  # handlers restored after a loop that was not signalled
+
+
+def test_after_a_signal_stop_a_late_copy_is_ignored_and_a_later_signal_gets_the_previous_handler():
+    """The launcher forwards a signal to one worker after another: on a busy machine a worker can agree on the
+    stop (another process got it first), save and leave the loop before its own copy arrives."""
+    program = textwrap.dedent("""
+        import os, signal, time
+        from accelerate import PartialState
+        from diffusers_optim.distributed import REPEAT_WINDOW_S, StopRequest
+        request = StopRequest(PartialState())
+        with request.listening():
+            os.kill(os.getpid(), signal.SIGINT)
+            print("stop:", request.agreed().signal_name, flush=True)
+        os.kill(os.getpid(), signal.SIGINT)
+        print("late copy ignored", flush=True)
+        time.sleep(REPEAT_WINDOW_S + 0.2)
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        except KeyboardInterrupt:
+            print("then Python's own handler", flush=True)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "stop: SIGINT\nlate copy ignored\nthen Python's own handler\n"
 
 
 def test_under_a_launcher_a_signal_repeated_at_once_is_the_same_request(monkeypatch):
