@@ -37,7 +37,19 @@ def settings_from_args(args: list[str], base: dict[str, Any] | None = None) -> d
 
 def arm_settings(config: dict[str, Any]) -> dict[str, Any]:
     """A run's config without the keys that do not define its arm."""
-    return {k: v for k, v in config.items() if k not in NOT_ARM_KEYS}
+    settings = {k: v for k, v in config.items() if k not in NOT_ARM_KEYS}
+    if seed_derived_init(config):
+        settings.pop("init_seed")  # like the seed itself: seeds of one arm start from their own weights
+    return settings
+
+
+def seed_derived_init(config: dict[str, Any]) -> bool:
+    """Whether the recorded (resolved) init_seed is the one the run's seed implies (config.resolved_init_seed):
+    --seed without --fixed_init, or 0 with it. (An explicit --init_seed equal to that value reads the same.)"""
+    if "init_seed" not in config:
+        return False
+    implied = 0 if config.get("fixed_init") else config.get("seed")
+    return config["init_seed"] in (None, implied)
 
 
 def arm_identity(config: dict[str, Any]) -> str:

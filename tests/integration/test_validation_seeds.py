@@ -42,6 +42,15 @@ def test_seeds_change_the_initial_weights_unless_fixed_init(tiny_config, tmp_pat
     assert (seed1.cfg.init_seed, fixed2.cfg.init_seed) == (1, 0)  # resolved, so config.json records it
     assert seed0.sample_seed != seed1.sample_seed  # and each seed samples from its own noise
 
+    # the seeds of one arm stay one arm, with or without --fixed_init (their configs as the Trainer records them)
+    from diffusers_optim.arms import arm_identity
+
+    def identity(trainer: Trainer) -> str:
+        return arm_identity(trainer.run_config()["config"])
+
+    assert identity(seed0) == identity(seed1) != identity(seed0_sgd)
+    assert identity(fixed1) == identity(fixed2) != identity(seed1)
+
 
 @pytest.mark.slow
 def test_ema_runs_log_ema_and_raw_weights_under_distinct_keys(tiny_config, tmp_path):
