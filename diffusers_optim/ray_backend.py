@@ -31,6 +31,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -279,23 +280,44 @@ def execute(
     refs = {task.options(name=run.name, **resources).remote(run, str(root), config, env, settings.cpus_per_run): run
             for run in runs}
     pending, seen = list(refs), set()
+    terms: list[int] = []
     try:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1, timeout=POLL_S)
-            # a task appends its trainer's command to the run's log as it starts it: that is when the run starts
-            for ref in [*done, *pending]:
-                run = refs[ref]
-                if run.name not in seen and (ref in done or log_size(root, run) > sizes[run.name]):
-                    seen.add(run.name)
-                    started(run.name)
-            for ref in done:
-                finished(refs[ref], outcome(ref))
+        with sigterm_as_exit(terms):
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1, timeout=POLL_S)
+                # a task appends its trainer's command to the run's log as it starts it: that is when the run starts
+                for ref in [*done, *pending]:
+                    run = refs[ref]
+                    if run.name not in seen and (ref in done or log_size(root, run) > sizes[run.name]):
+                        seen.add(run.name)
+                        started(run.name)
+                for ref in done:
+                    finished(refs[ref], outcome(ref))
     except KeyboardInterrupt:
         stop(pending)
         raise SystemExit(130) from None  # no traceback: Ctrl-C is how a person stops a comparison
-    except SystemExit:  # ray.init's SIGTERM handler on the driver (scancel, a preempted login node)
+    except SystemExit as err:  # SIGTERM (scancel, Slurm's --signal, a preempted node)
         stop(pending)
-        raise
+        raise SystemExit(128 + terms[0] if terms else err.code) from None  # ray.wait turns it into SystemExit(1)
+
+
+@contextlib.contextmanager
+def sigterm_as_exit(received: list[int]) -> Iterator[None]:
+    """SIGTERM raises SystemExit in the loop (noted in `received`), so that the tasks are cancelled as for Ctrl-C.
+    Ours, not ray.init's handler: Ray's native crash handler also catches SIGTERM in a driver, which then aborts."""
+    if threading.current_thread() is not threading.main_thread():  # Python delivers signals to the main thread
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def log_size(root: Path, run: PlannedRun) -> int:

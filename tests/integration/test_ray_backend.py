@@ -281,3 +281,19 @@ def test_backend_ray_without_ray_names_the_extra(tmp_path, capsys, monkeypatch):
     assert code == 2 and "\n" not in err
     assert err == "error: --backend ray needs Ray, which is not installed: pip install 'diffusers-optim[ray]'"
     assert not (tmp_path / "cmp").exists()
+
+
+def test_an_accelerate_launch_in_a_task_gets_a_port_of_its_own(tmp_path):
+    """Two multi-process runs on one node would both take accelerate's default port: the task passes a free one."""
+    from diffusers_optim import ray_backend
+
+    config = tmp_path / "two.yaml"
+    config.write_text("distributed_type: MULTI_GPU\nnum_machines: 1\nnum_processes: 2\n")
+    cmp = compare.parse_comparison(["--optimizers", "adamw", "--output_dir", str(tmp_path / "cmp"),
+                                    "--accelerate_config", str(config)])
+    run = compare.plan_run(cmp.arms[0], cmp.arms[0].choice.lr, 0, "final", cmp.common, cmp.group)
+    port = ray_backend.free_port()
+    cmd = compare.trainer_command(run, cmp.root, str(config), ["--main_process_port", str(port)])
+    at = cmd.index("--config_file")
+    assert cmd[at + 1 : at + 4] == [str(config), "--main_process_port", str(port)]
+    assert cmd[at + 4].endswith("train_unconditional.py") and 0 < port < 65536
