@@ -297,3 +297,17 @@ def test_an_accelerate_launch_in_a_task_gets_a_port_of_its_own(tmp_path):
     at = cmd.index("--config_file")
     assert cmd[at + 1 : at + 4] == [str(config), "--main_process_port", str(port)]
     assert cmd[at + 4].endswith("train_unconditional.py") and 0 < port < 65536
+
+
+def test_sigterm_during_the_wait_loop_is_an_exit_143_that_the_loop_can_clean_up_after():
+    """A real SIGTERM to this process inside the driver's wait loop raises SystemExit (the loop then cancels its
+    tasks, as for Ctrl-C); the previous handler is back afterwards."""
+    from diffusers_optim import ray_backend
+
+    before = signal.getsignal(signal.SIGTERM)
+    received: list[int] = []
+    with pytest.raises(SystemExit) as stopped, ray_backend.sigterm_as_exit(received):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler runs at the next bytecode boundary, long before this ends
+    assert stopped.value.code == 143 and received == [signal.SIGTERM]
+    assert signal.getsignal(signal.SIGTERM) is before
