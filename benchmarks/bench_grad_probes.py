@@ -34,6 +34,11 @@ TARGET_RATIO = 0.97  # issue 11: the default cadence costs at most 3% of trainin
 MEMORY_TARGET = 1.05  # issue 13: peak memory on log steps at most 5% above other steps
 
 
+# cpu: this process's CPU time, steadier than wall time on a shared machine (with --threads 1 and in-memory data
+# the work is this process's own); wall: what a user waits
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from diffusers_optim.config import TrainConfig
 
@@ -49,6 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed probe periods; medians are reported")
     p.add_argument("--block_steps", type=int, default=5, help="steps one Trainer runs before the other takes over")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall (default) or cpu: this process's CPU time, steadier on a busy machine with --threads 1")
     p.add_argument("--memory", action="store_true", help="also measure each step's peak RSS (Linux)")
     p.add_argument("--memory_steps", type=int, default=None,
                    help="steps of the memory run (default: two probe periods)")
@@ -78,23 +85,24 @@ def build_trainer(args: argparse.Namespace, preset: str, out: Path, probe_steps:
 class Stepper:
     """One Trainer driven through `Trainer.run_step`, timing each step."""
 
-    def __init__(self, trainer, batches) -> None:
+    def __init__(self, trainer, batches, clock=time.perf_counter) -> None:
         from tqdm.auto import tqdm
 
-        self.trainer, self.batches, self.bar = trainer, batches, tqdm(disable=True)
+        self.trainer, self.batches, self.bar, self.clock = trainer, batches, tqdm(disable=True), clock
 
     def run(self, num_steps: int) -> float:
-        start = time.perf_counter()
+        start = self.clock()
         for _ in range(num_steps):
             self.trainer.run_step(self.batches, self.bar)
-        return time.perf_counter() - start
+        return self.clock() - start
 
 
 def measure_throughput(args: argparse.Namespace, preset: str, root: Path) -> dict[str, Any]:
     """Median over repeats of (images/s with probes) / (images/s without), ABBA blocks within each period."""
     period = args.grad_probe_steps
-    off = Stepper(*build_trainer(args, preset, root / f"{preset}-off", 0))
-    on = Stepper(*build_trainer(args, preset, root / f"{preset}-on", period))
+    clock = CLOCKS[args.clock]
+    off = Stepper(*build_trainer(args, preset, root / f"{preset}-off", 0), clock=clock)
+    on = Stepper(*build_trainer(args, preset, root / f"{preset}-on", period), clock=clock)
     warm = min(period, 2 * args.block_steps)
     off.run(warm), on.run(warm)
     on.run(period - warm)  # the probing Trainer now starts each timed period right after a probe step
@@ -156,7 +164,7 @@ def format_table(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines = [f"gradient probes every {s['grad_probe_steps']} steps vs off: {s['resolution']}px, batch "
              f"{s['batch_size']}, probe batch {s['num_validation_images']} images, logging_steps {s['logging_steps']}, "
-             f"torch.set_num_threads({s['threads']}); median of {s['repeats']} probe periods", "",
+             f"torch.set_num_threads({s['threads']}); median of {s['repeats']} probe periods, {s['clock']} clock", "",
              f"{'preset':<8} {'off img/s':>10} {'on img/s':>9} {'ratio':>6} {'probe cost s':>13}"]
     for r in report["throughput"]:
         lines.append(f"{r['preset']:<8} {r['off_images_per_sec']:>10.1f} {r['on_images_per_sec']:>9.1f} "
