@@ -148,13 +148,18 @@ def test_live_view_on_a_terminal(tmp_path: Path):
     assert f"ranking by final {metric}" in text and f"report: {out / 'report.html'}" in text
 
 
-def test_grid_values_reach_the_trainer_and_name_the_arms(tmp_path):
+def test_grid_values_reach_the_trainer_and_name_the_arms(tmp_path, monkeypatch):
+    """The planned trainer commands run in this process (compare's launcher hook, as in test_readme_commands); the
+    pool's own subprocess path is test_tiny_comparison_end_to_end's."""
+    from test_readme_commands import in_process
+
+    from diffusers_optim import compare
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")
     out = tmp_path / "grid"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TQDM_DISABLE": "1"}
-    cmd = [sys.executable, "-m", "diffusers_optim.cli", "compare", "--optimizers", "adamw:lr=1e-3", "--seeds", "0",
-           "--grid", "max_grad_norm=0,0.01", "--rank_by", "val/loss", "--output_dir", str(out), *TRAIN_FLAGS]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    argv = ["--optimizers", "adamw:lr=1e-3", "--seeds", "0", "--grid", "max_grad_norm=0,0.01", "--rank_by", "val/loss",
+            "--output_dir", str(out), *TRAIN_FLAGS]
+    compare.run_comparison(compare.parse_comparison(argv), launcher=in_process)
     summary = json.loads((out / "summary.json").read_text())
     assert sorted(a["arm"] for a in summary["arms"]) == ["max_grad_norm=0", "max_grad_norm=0.01"]
     assert summary["rank_by"] == "val/loss"
