@@ -112,16 +112,19 @@ def test_wandb_offline_run_has_every_metric_and_pipeline_loads(tmp_path):
     assert summary["status"] == "complete" and summary["steps"] == 12
 
 
-@pytest.mark.slow
-def test_resume_continues_as_if_never_stopped(tmp_path):
-    common = ["--max_train_steps", "8", "--logging_steps", "2", "--validation_steps", "4", "--sample_steps", "0",
+def test_resume_continues_as_if_never_stopped(tmp_path, monkeypatch):
+    """With EMA, through the CLI in this process (a resume in a new process, after SIGKILL, is test_crash_resume's)."""
+    from diffusers_optim import cli
+
+    common = [*TINY, "--max_train_steps", "8", "--logging_steps", "2", "--validation_steps", "4", "--sample_steps", "0",
               "--checkpointing_steps", "4", "--eval_steps", "0", "--num_eval_samples", "8", "--optimizer", "adamw",
               "--use_ema"]
+    monkeypatch.setenv("TQDM_DISABLE", "1")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_script([*common, "--output_dir", str(straight)])
-    run_script([*common, "--output_dir", str(resumed), "--stop_after_steps", "4"])
+    assert cli.main(["train", *common, "--output_dir", str(straight)]) == 0
+    assert cli.main(["train", *common, "--output_dir", str(resumed), "--stop_after_steps", "4"]) == 0
     assert not (resumed / "run_summary.json").exists()
-    run_script([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
+    assert cli.main(["train", *common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"]) == 0
 
     def losses(path: Path) -> list[tuple]:
         return [(r["step"], r.get("train/loss"), r.get("val/loss")) for r in read_jsonl(path / "metrics.jsonl")]
