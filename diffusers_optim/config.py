@@ -38,7 +38,7 @@ FREE_FIELDS = (
     # the run's length: extending a finished run on resume is common (diffusers' own resume test does it); the LR
     # schedule follows the new length and config.json records it
     "num_epochs", "max_train_steps",
-    "num_timestep_buckets", "logging_steps", "validation_steps", "sample_steps", "eval_steps",
+    "num_timestep_buckets", "logging_steps", "validation_steps", "sample_steps", "eval_steps", "grad_probe_images",
     "num_samples", "num_eval_samples", "num_inference_steps", "sample_batch_size", "inception_weights",
     "allow_config_change", "local_rank", "save_images_epochs", "save_model_epochs", "logging_dir",
     "enable_xformers_memory_efficient_attention",
@@ -149,6 +149,7 @@ class TrainConfig:
     num_timestep_buckets: int = field(default=4, metadata={"help": "Equal timestep ranges for loss_t/ and val_t/ (improved-diffusion's loss_q0..q3)."})
     logging_steps: int = field(default=10, metadata={"help": "Reduce and log metrics every N optimizer steps (0: only at the end)."})
     grad_probe_steps: int = field(default=200, metadata={"help": "Per-timestep gradient probes (grad_t/*) every N optimizer steps on a fixed probe batch (0: off)."})
+    grad_probe_images: int = field(default=64, metadata={"help": "Images of the probe batch: the first N held-out images, timesteps stratified by bucket (a probe costs about 20 forward/backward passes over them)."})
     validation_steps: int = field(default=50, metadata={"help": "Validation loss every N steps (0: only at the end)."})
     sample_steps: int = field(default=250, metadata={"help": "Sample grid every N steps (0: only at the end)."})
     eval_steps: int = field(default=0, metadata={"help": "Sample-quality metrics every N steps (0: only at the end)."})
@@ -196,7 +197,7 @@ def flag_aliases(cls: type = TrainConfig) -> dict[str, str]:
 # (lowest allowed value, whether the lowest value itself is allowed) of every numeric flag; None is always allowed
 # where the field's default is None ("unset"). Checked at parse time, so bad numbers never reach the trainer.
 RANGES: dict[str, tuple[float, bool]] = {
-    "resolution": (1, True), "max_train_samples": (1, True), "num_validation_images": (0, True),
+    "resolution": (1, True), "max_train_samples": (1, True), "num_validation_images": (0, True), "grad_probe_images": (1, True),
     "dataloader_num_workers": (0, True), "ddpm_num_steps": (1, True), "snr_gamma": (0, False),
     "learning_rate": (0, False), "adam_beta1": (0, True), "adam_beta2": (0, True), "adam_weight_decay": (0, True),
     "adam_epsilon": (0, False), "momentum": (0, True), "max_grad_norm": (0, True), "lr_warmup_steps": (0, True),

@@ -722,7 +722,8 @@ def build_probe(cfg: TrainConfig, images: torch.Tensor, acc: Accelerator, model,
         raise UserError(f"--grad_probe_steps must be 0 (off) or positive, got {cfg.grad_probe_steps}")
     if cfg.grad_probe_steps == 0 or len(images) == 0:
         return None
-    batch = build_probe_batch(images, cfg.ddpm_num_steps, cfg.num_timestep_buckets, PROBE_SEED,
+    # a fixed, bounded batch: the whole held-out split (400 digits) made one probe cost ~16 training steps
+    batch = build_probe_batch(images[: cfg.grad_probe_images], cfg.ddpm_num_steps, cfg.num_timestep_buckets, PROBE_SEED,
                               acc.process_index, acc.num_processes, acc.device)
     reduce_sum = (lambda t: t) if acc.num_processes == 1 else (lambda t: acc.reduce(t, reduction="sum"))
     return GradProbe(acc.unwrap_model(model), noise_scheduler, batch, cfg.ddpm_num_steps, reduce_sum, acc.autocast)
