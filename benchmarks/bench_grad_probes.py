@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed probe periods; medians are reported")
     p.add_argument("--block_steps", type=int, default=5, help="steps one Trainer runs before the other takes over")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--grad_probe_images", type=int, default=TrainConfig.grad_probe_images, help="the probe batch")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="wall (default) or cpu: this process's CPU time, steadier on a busy machine with --threads 1")
     p.add_argument("--memory", action="store_true", help="also measure each step's peak RSS (Linux)")
@@ -74,7 +75,8 @@ def build_trainer(args: argparse.Namespace, preset: str, out: Path, probe_steps:
 
     cfg = TrainConfig(model_preset=preset, resolution=args.resolution, train_batch_size=args.batch_size,
                       logging_steps=args.logging_steps, grad_probe_steps=probe_steps, report_to="none",
-                      num_validation_images=args.num_validation_images, output_dir=str(out),
+                      num_validation_images=args.num_validation_images, grad_probe_images=args.grad_probe_images,
+                      output_dir=str(out),
                       max_train_steps=10**9, validation_steps=0, sample_steps=0, eval_steps=0, checkpointing_steps=0)
     trainer = Trainer(cfg)
     trainer.start()
@@ -163,7 +165,7 @@ def measure_memory(args: argparse.Namespace, preset: str, root: Path) -> dict[st
 def format_table(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines = [f"gradient probes every {s['grad_probe_steps']} steps vs off: {s['resolution']}px, batch "
-             f"{s['batch_size']}, probe batch {s['num_validation_images']} images, logging_steps {s['logging_steps']}, "
+             f"{s['batch_size']}, probe batch {s['grad_probe_images']} images, logging_steps {s['logging_steps']}, "
              f"torch.set_num_threads({s['threads']}); median of {s['repeats']} probe periods, {s['clock']} clock", "",
              f"{'preset':<8} {'off img/s':>10} {'on img/s':>9} {'ratio':>6} {'probe cost s':>13}"]
     for r in report["throughput"]:
