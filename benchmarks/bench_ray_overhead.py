@@ -7,7 +7,7 @@ cluster is started once (its start-up is timed apart: a real cluster runs for th
 backends alternate in ABBA order, each comparison in a fresh folder, through compare.run_comparison as the CLI
 calls it.
 
-    python benchmarks/bench_ray_overhead.py [--rounds 2] [--parallel 2] [--steps 20] [--json]
+    python benchmarks/bench_ray_overhead.py [--rounds 2] [--first local] [--parallel 2] [--steps 20] [--json]
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ TINY = ["--model_preset", "tiny", "--resolution", "8", "--train_batch_size", "8"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=2, help="ABBA rounds (each: one comparison per backend)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds, each one comparison per backend, in ABBA order")
+    p.add_argument("--first", choices=("local", "ray"), default="local", help="the backend of the first round's A")
     p.add_argument("--parallel", type=int, default=2, help="runs at once on either backend")
     p.add_argument("--steps", type=int, default=20, help="training steps per run")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
@@ -73,6 +74,10 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.parallel)))
     os.environ.update({"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TQDM_DISABLE": "1",
                        "RAY_USAGE_STATS_ENABLED": "0"})
+    from diffusers_optim import compare
+
+    with tempfile.TemporaryDirectory() as tmp:  # untimed: the first parse imports torch, diffusers and the trainer
+        compare.parse_comparison(comparison_argv("local", Path(tmp), args))
     t0 = time.perf_counter()
     ray.init(num_cpus=args.parallel, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     startup = time.perf_counter() - t0
@@ -80,7 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         with tempfile.TemporaryDirectory(prefix="bench_ray_") as tmp:
             for round_ in range(args.rounds):
-                order = ("local", "ray") if round_ % 2 == 0 else ("ray", "local")  # ABBA
+                other = "ray" if args.first == "local" else "local"
+                order = (args.first, other) if round_ % 2 == 0 else (other, args.first)  # ABBA
                 for backend in order:
                     seconds = timed_comparison(backend, Path(tmp) / f"{backend}-{round_}", args)
                     times[backend].append(seconds)
