@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the probing Trainer's cadence (default: the Trainer's default)")
     p.add_argument("--logging_steps", type=int, default=TrainConfig.logging_steps)
     p.add_argument("--num_validation_images", type=int, default=TrainConfig.num_validation_images,
-                   help="the probe batch is the held-out set")
+                   help="the held-out set (the probe batch is its first --grad_probe_images)")
     p.add_argument("--repeats", type=int, default=3, help="timed probe periods; medians are reported")
     p.add_argument("--block_steps", type=int, default=5, help="steps one Trainer runs before the other takes over")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")

@@ -52,7 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--grad_probe_steps", type=int, default=TrainConfig.grad_probe_steps,
                    help="gradient probes every N steps (the Trainer's default); their steps are reported apart")
     p.add_argument("--num_validation_images", type=int, default=TrainConfig.num_validation_images,
-                   help="the probe batch is the held-out set")
+                   help="the held-out set")
+    p.add_argument("--grad_probe_images", type=int, default=TrainConfig.grad_probe_images,
+                   help="the probe batch: the first N held-out images")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
