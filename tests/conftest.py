@@ -133,7 +133,18 @@ def copy_finished_run(finished_run_template):
     return copy
 
 
+# The longest tests (tens of seconds to minutes each, mostly two-process launches), longest first.
+LONGEST = ("test_sigint_and_sigterm_inside_a_step", "test_ray_backend_matches_the_local_pool",
+           "test_a_killed_trainer_resumes_under_ray", "test_tiny_comparison_end_to_end",
+           "test_two_processes_match_one_process", "test_compare_sigkilled_leaves_no_orphan")
+
+
 def pytest_collection_modifyitems(items):
-    """The slow end-to-end tests first (stable order otherwise): xdist's workers then share them from the start,
-    instead of one worker finishing a long test alone at the end of the suite."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The longest tests first, then the other slow end-to-end ones (stable order otherwise): xdist's workers then
+    share them from the start, instead of one worker finishing a long test alone at the end of the suite."""
+
+    def rank(item) -> tuple[int, int]:
+        longest = [i for i, name in enumerate(LONGEST) if item.name.startswith(name)]
+        return (0, longest[0]) if longest else (1 if item.get_closest_marker("slow") else 2, 0)
+
+    items.sort(key=rank)
