@@ -140,11 +140,16 @@ LONGEST = ("test_sigint_and_sigterm_inside_a_step", "test_ray_backend_matches_th
 
 
 def pytest_collection_modifyitems(items):
-    """The longest tests first, then the other slow end-to-end ones (stable order otherwise): xdist's workers then
-    share them from the start, instead of one worker finishing a long test alone at the end of the suite."""
+    """The longest tests first, then the other slow end-to-end ones, the other integration tests, and the unit
+    tests last (stable order otherwise): xdist's workers then share the long ones from the start and end together
+    on short ones, instead of one worker finishing long tests alone at the end of the suite."""
 
     def rank(item) -> tuple[int, int]:
         longest = [i for i, name in enumerate(LONGEST) if item.name.startswith(name)]
-        return (0, longest[0]) if longest else (1 if item.get_closest_marker("slow") else 2, 0)
+        if longest:
+            return (0, longest[0])
+        if item.get_closest_marker("slow"):
+            return (1, 0)
+        return (2 if "integration" in item.nodeid else 3, 0)  # the short unit tests fill the end evenly
 
     items.sort(key=rank)
