@@ -28,6 +28,7 @@ from diffusers_optim.checkpoint import latest_usable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_compare import TRAIN_FLAGS  # noqa: E402  (the tiny comparison of the local end-to-end test)
 from test_readme_commands import in_process  # noqa: E402  (compare's launcher, trainers in this process)
+from test_run_folder import pid_alive  # noqa: E402
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                reason="Ray is not installed: pip install 'diffusers-optim[ray]' (the test extra has it)")
@@ -119,14 +120,6 @@ def with_flags(flags: list[str], **values: str) -> list[str]:
 # a longer run, logged every step, with a checkpoint every 10 steps
 FAULT_FLAGS = with_flags(TRAIN_FLAGS, max_train_steps="40", logging_steps="1", checkpointing_steps="10",
                          validation_steps="0")
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie is dead too
 
 
 class HolderWatch(threading.Thread):
