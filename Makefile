@@ -51,7 +51,7 @@ study: install
 
 # One torch thread per process, one xdist worker per core: tiny models scale badly across threads.
 test: install
-	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n auto --durations=15
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n auto --maxschedchunk 1 --durations=15
 
 lint:
 	$(PYTHON) -m ruff check diffusers_optim train_scripts tests benchmarks scripts

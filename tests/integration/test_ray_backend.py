@@ -117,8 +117,11 @@ def with_flags(flags: list[str], **values: str) -> list[str]:
     return out
 
 
-# a longer run, logged every step, with a checkpoint every 10 steps
-FAULT_FLAGS = with_flags(TRAIN_FLAGS, max_train_steps="40", logging_steps="1", checkpointing_steps="10",
+# a longer run, logged every step, with a checkpoint every 10 steps: long enough (200 steps, ~6 s on an idle core)
+# that the resumed attempt is still training when Ctrl-C reaches it through the driver and Ray's cancel (at 40 steps
+# an idle machine finished the run first)
+FAULT_STEPS = 200
+FAULT_FLAGS = with_flags(TRAIN_FLAGS, max_train_steps=str(FAULT_STEPS), logging_steps="1", checkpointing_steps="10",
                          validation_steps="0")
 
 
@@ -196,7 +199,7 @@ def test_a_killed_trainer_resumes_under_ray_and_ctrl_c_leaves_the_run_resumable(
     assert all(int(c) == int(s) for c, s in resumed) and first % 10 == 0 and last >= first, resumed
     assert f"taking over the lock of pid {victim}, which is no longer running" in log
     steps = [r["step"] for r in rundir.read_metrics(run_dir / rundir.METRICS) if "train/loss" in r]
-    assert steps == list(range(1, 41))  # one record per step: what the killed attempt did past its checkpoint is gone
+    assert steps == list(range(1, FAULT_STEPS + 1))  # one record per step: what the killed attempt did past its checkpoint is gone
     # one trainer at a time: each took the lock only once the one before it was dead
     assert len(watch.pids) == 3 and watch.pids[:2] == [victim, resumed_pid] and not watch.overlaps, watch.pids
     assert "is in use by another process" not in log
