@@ -84,9 +84,22 @@ def bucket_sentence(summary: dict[str, Any], best: str) -> str | None:
     wins, losses = bucket_verdicts(summary, best)
     if not wins and not losses:
         return None
-    parts = [f"lower validation loss than {', '.join(arms)} at {b}" for b, arms in sorted(wins.items())]
-    parts += [f"higher than {', '.join(arms)} at {b}" for b, arms in sorted(losses.items())]
+    parts = [f"lower validation loss than {arms} at {buckets}" for arms, buckets in by_arms(wins)]
+    parts += [f"higher than {arms} at {buckets}" for arms, buckets in by_arms(losses)]
     return f"By timestep bucket, {best} has " + "; ".join(parts) + " (differences resolved over seeds)."
+
+
+def by_arms(verdicts: dict[str, list[str]]) -> list[tuple[str, str]]:
+    """(arms, buckets) clauses: the buckets where the same arms are beaten (or beat the best) share one clause,
+    instead of one repeated clause per bucket."""
+    grouped: dict[str, list[str]] = {}
+    for bucket, arms in sorted(verdicts.items(), key=lambda kv: int(kv[0].split()[1].split("-")[0])):
+        grouped.setdefault(", ".join(arms), []).append(bucket)
+    return [(arms, and_list(buckets)) for arms, buckets in grouped.items()]
+
+
+def and_list(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def disagreement_sentence(summary: dict[str, Any], arms: list[dict[str, Any]]) -> str | None:

@@ -209,12 +209,16 @@ def test_recommendation_from_the_summary_statistics():
         "arms": [arm("adamw", 0.6, 0.197, best=True), arm("adam", 0.61, 0.198, tied=True),
                  arm("prodigy", 0.74, 0.195, tied=False)],
         "comparisons": [diff("adam", "val_t/000-249", 0.001, False), diff("prodigy", "val_t/000-249", 0.01, True),
-                        diff("prodigy", "val_t/750-999", -0.004, True), diff("prodigy", "eval/fd", 0.14, True)],
+                        diff("prodigy", "val_t/750-999", -0.004, True), diff("prodigy", "eval/fd", 0.14, True),
+                        diff("prodigy", "val_t/250-499", 0.02, True), diff("adam", "val_t/250-499", 0.01, True),
+                        diff("prodigy", "val_t/500-749", 0.01, True)],
     }
     pick, buckets, disagree = recommendation(summary)  # what is unresolved: the findings section, right below
     assert pick == "Pick adamw: the best eval/fd (0.600 ± 0.050; lower is better), ahead of adam (0.610 ± 0.050)."
-    assert buckets == ("By timestep bucket, adamw has lower validation loss than prodigy at t 000-249; "
-                       "higher than prodigy at t 750-999 (differences resolved over seeds).")
+    # buckets where the same arms are beaten share one clause, in timestep order
+    assert buckets == ("By timestep bucket, adamw has lower validation loss than prodigy at t 000-249 and t 500-749; lower "
+                       "validation loss than prodigy, adam at t 250-499; higher than prodigy at t 750-999 "
+                       "(differences resolved over seeds).")
     assert disagree.startswith("Loss and sample quality disagree: prodigy has the best val/loss (0.195)")
     del summary["comparisons"]
     unresolved = recommendation(summary)[-1]  # a summary without paired comparisons: said here
