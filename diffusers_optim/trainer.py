@@ -173,9 +173,27 @@ class Trainer:
         lock = rundir.RunLock(self.out)
         decided_on_main(self.accelerator, lambda: bool(lock.acquire()))
         try:
+            if decided_on_main(self.accelerator, self.already_complete):
+                return self.leave_complete_run()
             return self._train()
         finally:
             lock.release()
+
+    def already_complete(self) -> bool:
+        """Resuming a complete run at its last step (e.g. a job script's `--resume_from_checkpoint latest` run
+        again): there is nothing to train."""
+        if self.resume_path is None or not rundir.is_complete(self.out):
+            return False
+        return ckpt.read_trainer_state(self.resume_path).get("step", -1) >= self.max_steps
+
+    def leave_complete_run(self) -> dict[str, Any]:
+        """Nothing is loaded, rewritten or logged again: the run's files stay byte-identical."""
+        summary = rundir.read_json(self.out / rundir.SUMMARY)
+        logger.info(f"{self.out} is already complete ({summary.get('steps')} steps): nothing to train, its files "
+                    "are left as they are", main_process_only=True)
+        self.step = int(summary.get("steps") or self.max_steps)
+        self.accelerator.end_training()
+        return summary
 
     def _train(self) -> dict[str, Any]:
         with self.stop_request.listening():

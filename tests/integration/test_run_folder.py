@@ -101,11 +101,19 @@ BAD = [
 
 
 @pytest.mark.parametrize("mode, flags, expected", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
-def test_bad_input_leaves_a_finished_run_byte_identical(finished, capsys, mode, flags, expected):
+def test_bad_input_leaves_a_finished_run_byte_identical(finished, module_env, capsys, mode, flags, expected):
     before = hashes(finished)
     code = train("--output_dir", str(finished), "--max_train_steps", "4", *mode, *flags)
     one_line_error(capsys, code, expected)
     assert hashes(finished) == before
+
+
+def test_resuming_a_complete_run_changes_nothing(finished, capsys):
+    """A job script that always passes --resume_from_checkpoint latest, run once more after the run completed."""
+    before = hashes(finished)
+    assert train("--output_dir", str(finished), "--max_train_steps", "4", *RESUME) == 0
+    assert hashes(finished) == before
+    assert f"done: 4 steps, val/loss " in capsys.readouterr().out
 
 
 def test_resume_with_every_checkpoint_damaged_is_an_error_not_a_restart(finished, capsys):
