@@ -113,7 +113,7 @@ def test_resuming_a_complete_run_changes_nothing(finished, capsys):
     before = hashes(finished)
     assert train("--output_dir", str(finished), "--max_train_steps", "4", *RESUME) == 0
     assert hashes(finished) == before
-    assert f"done: 4 steps, val/loss " in capsys.readouterr().out
+    assert "done: 4 steps, val/loss " in capsys.readouterr().out
 
 
 def test_resume_with_every_checkpoint_damaged_is_an_error_not_a_restart(finished, capsys):
