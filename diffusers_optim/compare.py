@@ -469,6 +469,21 @@ def launch_run(
     return launcher(cmd, run_log(root, run))
 
 
+def own_port(accelerate_config: str | None, num_parallel: int) -> list[str] | None:
+    """`--main_process_port` of a free port for a one-machine `accelerate launch` run beside others on this machine:
+    they would all take the config's port (or accelerate's 29500), and every one but the first would fail to start.
+    A config of several machines keeps its port, which the other machines dial."""
+    if accelerate_config is None or num_parallel < 2:
+        return None
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    if (load_config_from_file(accelerate_config).num_machines or 1) > 1:
+        return None
+    from diffusers_optim.ray_backend import free_port
+
+    return ["--main_process_port", str(free_port())]
+
+
 def run_log(root: Path, run: PlannedRun) -> Path:
     """The file a run's trainer output is appended to (every attempt of the run)."""
     return root / rundir.LOGS / f"{run.name}.log"
@@ -598,7 +613,8 @@ def execute(
         state = run_state(run, root)
         if not reused(run, state):
             board.started(run.name)
-            finished(run, launch_run(run, state, root, accelerate_config, launcher))
+            finished(run, launch_run(run, state, root, accelerate_config, launcher, own_port(accelerate_config,
+                                                                                           num_parallel)))
 
     with live_view(board, progress_every):
         if ray is None:

@@ -232,6 +232,28 @@ def test_accelerate_config_launches_the_training_script(tmp_path):
     assert cmd[launch + 3 :][:4] == ["--optimizer", "lion", "--learning_rate", "3e-05"]
 
 
+@pytest.mark.parametrize("machines, parallel, own", [(1, 2, True), (1, 1, False), (2, 2, False)])
+def test_runs_launched_side_by_side_each_get_a_port_of_their_own(tmp_path, machines, parallel, own):
+    """Two one-machine `accelerate launch` runs at once would both take the config's port and the second would fail
+    to start: each launch of the pool gets a free one. One at a time, or a config of several machines (whose
+    other machines dial its port), keeps the config's."""
+    config = tmp_path / "acc.yaml"
+    config.write_text(f"distributed_type: MULTI_GPU\nnum_machines: {machines}\nnum_processes: 2\n"
+                      "main_process_port: 29500\n")
+    argv = ["--optimizers", "adamw", "sgd", "--output_dir", str(tmp_path / "c"), "--accelerate_config", str(config),
+            "--num_parallel", str(parallel)]
+    cmds = []
+
+    def launcher(cmd, log_path):
+        cmds.append(cmd)
+        return 1
+
+    compare.run_comparison(compare.parse_comparison(argv), launcher)
+    ports = [cmd[cmd.index("--main_process_port") + 1] for cmd in cmds if "--main_process_port" in cmd]
+    assert len(cmds) == 2 and len(ports) == (2 if own else 0)
+    assert len(set(ports)) == len(ports) and all(0 < int(p) < 65536 for p in ports)
+
+
 def test_diffusers_flag_names_pass_through_as_ours():
     assert compare.parse_passthrough(["--eval_batch_size", "4", "--ddpm_num_inference_steps=2"]) == [
         ("num_samples", "4"), ("num_inference_steps", "2")]
