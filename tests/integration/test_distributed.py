@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from tests.conftest import TINY_FLAGS
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 TIMEOUT = 300
+LAUNCH_TIMEOUT = 150  # one launch of the 10-stop test takes ~15 s idle, ~40 s on a loaded machine
 
 
 def free_port() -> int:
@@ -90,13 +92,30 @@ def run_two_processes(flags: list[str], env: dict[str, str], stop_at: str | None
     script, extra = ROOT / "train_scripts" / "train_unconditional.py", {}
     if stop_at is not None:
         script, extra = HERE / "signal_at.py", {"STOP_AT": stop_at, "STOP_LOG": str(log)}
+    # PYTHONFAULTHANDLER: a worker that gets SIGABRT prints every thread's Python stack first (see below)
+    extra["PYTHONFAULTHANDLER"] = "1"
     proc = subprocess.Popen(launch_command(script, *flags), env={**two_process_env(env), **extra}, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        stdout, stderr = proc.communicate(timeout=TIMEOUT)
+        stdout, stderr = proc.communicate(timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        # a hang (seen once in many runs: a completed run's launch that never exited): say where each worker is
+        signal_workers(proc.pid, signal.SIGABRT)
+        stdout, stderr = proc.communicate(timeout=60)
+        pytest.fail(f"the launch hung for {LAUNCH_TIMEOUT} s; the workers' stacks at SIGABRT:\n{stderr[-8000:]}")
     finally:
         kill_tree(proc.pid)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def signal_workers(pid: int, signum: int) -> None:
+    """Send signum to every process under a launcher."""
+    import psutil
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for process in psutil.Process(pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.send_signal(signum)
 
 
 def kill_tree(pid: int) -> None:
