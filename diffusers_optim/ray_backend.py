@@ -280,10 +280,10 @@ def execute(
     refs = {task.options(name=run.name, **resources).remote(run, str(root), config, env, settings.cpus_per_run): run
             for run in runs}
     pending, seen = list(refs), set()
-    terms: list[int] = []
+    signals: list[int] = []
     try:
-        with sigterm_as_exit(terms):
-            while pending:
+        with stop_signals(signals):
+            while pending and not signals:
                 done, pending = ray.wait(pending, num_returns=1, timeout=POLL_S)
                 # a task appends its trainer's command to the run's log as it starts it: that is when the run starts
                 for ref in [*done, *pending]:
@@ -293,31 +293,38 @@ def execute(
                         started(run.name)
                 for ref in done:
                     finished(refs[ref], outcome(ref))
-    except KeyboardInterrupt:
+            if signals:  # Ctrl-C or SIGTERM (scancel, Slurm's --signal, a preempted node)
+                stop(pending)
+                raise SystemExit(128 + signals[0])  # 130, 143; no traceback: that is how a person stops it
+    except KeyboardInterrupt:  # not on the main thread (no handlers of ours): Python's own Ctrl-C
         stop(pending)
-        raise SystemExit(130) from None  # no traceback: Ctrl-C is how a person stops a comparison
-    except SystemExit as err:  # SIGTERM (scancel, Slurm's --signal, a preempted node)
-        stop(pending)
-        raise SystemExit(128 + terms[0] if terms else err.code) from None  # ray.wait turns it into SystemExit(1)
+        raise SystemExit(130) from None
 
 
 @contextlib.contextmanager
-def sigterm_as_exit(received: list[int]) -> Iterator[None]:
-    """SIGTERM raises SystemExit in the loop (noted in `received`), so that the tasks are cancelled as for Ctrl-C.
-    Ours, not ray.init's handler: Ray's native crash handler also catches SIGTERM in a driver, which then aborts."""
+def stop_signals(received: list[int]) -> Iterator[None]:
+    """SIGINT and SIGTERM are noted in `received` (the loop then cancels the tasks), never raised as exceptions.
+
+    Why not Python's KeyboardInterrupt: it is raised wherever the main thread happens to be, mostly inside
+    ray.wait, whose C++ loop runs the handler (PyErr_CheckSignals) and turns the exception into a status; a
+    Ctrl-C there could vanish, and the run went on to the end. A flag set by our handler cannot be lost, and the
+    loop looks at it at least every POLL_S. SIGTERM likewise: Ray's native crash handler catches it in a driver,
+    which then aborts, and ray.wait turned a SystemExit into status 1. The terminal's Ctrl-C reaches only this
+    process: Ray starts its services and workers with SIGINT blocked, and so every trainer of a task (they
+    stop through ray.cancel, see stop())."""
     if threading.current_thread() is not threading.main_thread():  # Python delivers signals to the main thread
         yield
         return
 
-    def terminate(signum: int, frame: Any) -> None:
+    def note(signum: int, frame: Any) -> None:
         received.append(signum)
-        raise SystemExit(128 + signum)
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def log_size(root: Path, run: PlannedRun) -> int:
@@ -350,9 +357,11 @@ def stop(pending: list[Any]) -> None:
     logger.warning("interrupted: cancelling %d Ray tasks; running trainers save a checkpoint first", len(pending))
     for ref in pending:
         ray.cancel(ref)  # queued: never starts; running: KeyboardInterrupt in the task, which stops its trainer
-    ray.wait(pending, num_returns=len(pending), timeout=STOP_WAIT_S)
-    for ref in pending:
-        # still running: its worker is killed, and the kernel passes SIGTERM to the trainer (compare.DIE_WITH_PARENT)
+    _, running = ray.wait(pending, num_returns=len(pending), timeout=STOP_WAIT_S)
+    for ref in running:
+        # still running: its worker is killed, and the kernel passes SIGTERM to the trainer (compare.DIE_WITH_PARENT).
+        # Only those: a force cancel of a task that has just ended can crash Ray's core worker (a RAY_CHECK in
+        # TaskManager::CompletePendingTask, "Tried to complete task that was not pending": exit 1, a C++ trace).
         ray.cancel(ref, force=True)
     logger.warning("stopped: every run keeps its last checkpoint; the same command resumes them")
 
@@ -398,8 +407,16 @@ def launch_until_cancelled(cmd: list[str], log_path: Path) -> int:
                     return proc.wait(timeout=POLL_S)  # in slices: ray.cancel's KeyboardInterrupt lands between them
         except KeyboardInterrupt:
             proc.send_signal(signal.SIGTERM)  # the supervisor passes one SIGTERM on: checkpoint, then exit
-            proc.wait()
+            wait_through_interrupts(proc)
             raise
+
+
+def wait_through_interrupts(proc: subprocess.Popen) -> None:
+    """Wait for a trainer that is saving its checkpoint: Ray repeats a cancel whose task is still running (each a
+    KeyboardInterrupt here), and a task that ended first would let the trainer be killed mid-save."""
+    while proc.poll() is None:
+        with contextlib.suppress(KeyboardInterrupt, subprocess.TimeoutExpired):
+            proc.wait(timeout=POLL_S)
 
 
 def free_port() -> int:

@@ -295,15 +295,19 @@ def test_an_accelerate_launch_in_a_task_gets_a_port_of_its_own(tmp_path):
     assert cmd[at + 4].endswith("train_unconditional.py") and 0 < port < 65536
 
 
-def test_sigterm_during_the_wait_loop_is_an_exit_143_that_the_loop_can_clean_up_after():
-    """A real SIGTERM to this process inside the driver's wait loop raises SystemExit (the loop then cancels its
-    tasks, as for Ctrl-C); the previous handler is back afterwards."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_during_the_wait_loop_are_noted_not_raised(signum):
+    """A real SIGINT or SIGTERM to this process inside the driver's wait loop is noted for the loop (which then
+    cancels its tasks and exits 130 or 143), never raised where Ray's C++ wait could swallow it; the previous
+    handlers are back afterwards."""
     from diffusers_optim import ray_backend
 
-    before = signal.getsignal(signal.SIGTERM)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     received: list[int] = []
-    with pytest.raises(SystemExit) as stopped, ray_backend.sigterm_as_exit(received):
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)  # the handler runs at the next bytecode boundary, long before this ends
-    assert stopped.value.code == 143 and received == [signal.SIGTERM]
-    assert signal.getsignal(signal.SIGTERM) is before
+    with ray_backend.stop_signals(received):
+        os.kill(os.getpid(), signum)
+        deadline = time.monotonic() + 5
+        while not received and time.monotonic() < deadline:  # the handler runs at the next bytecode boundary
+            time.sleep(0.01)
+    assert received == [signum]
+    assert {sig: signal.getsignal(sig) for sig in before} == before
