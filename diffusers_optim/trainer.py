@@ -185,8 +185,8 @@ class Trainer:
     def already_complete(self) -> bool:
         """Resuming a complete run at its last step (e.g. a job script's `--resume_from_checkpoint latest` run
         again): there is nothing to train."""
-        if self.resume_path is None or not rundir.is_complete(self.out):
-            return False
+        if self.resume_path is None or not rundir.is_complete(self.out) or self.changed_on_resume:
+            return False  # a change allowed by --allow_config_change is loaded and checked like any resume
         return ckpt.read_trainer_state(self.resume_path).get("step", -1) >= self.max_steps
 
     def leave_complete_run(self) -> dict[str, Any]:
@@ -573,11 +573,13 @@ class Trainer:
 
     def check_same_experiment(self) -> list[dict[str, Any]]:
         """Resume refuses a different experiment (each changed flag named) unless --allow_config_change records it."""
+        self.changed_on_resume = False
         if self.resume_path is None:
             return []
         state = ckpt.read_trainer_state(self.resume_path)
         history = list(state.get("config_changes", []))
         changes = experiment_changes(state, self.cfg, self.spec, self.hparams)
+        self.changed_on_resume = bool(changes)
         if not changes:
             return history
         listed = "; ".join(f"{key}: {old} -> {new}" for key, (old, new) in changes.items())
