@@ -117,12 +117,12 @@ def with_flags(flags: list[str], **values: str) -> list[str]:
     return out
 
 
-# a longer run, logged every step, with a checkpoint every 10 steps: long enough (200 steps, ~6 s on an idle core)
-# that the resumed attempt is still training when Ctrl-C reaches it through the driver and Ray's cancel (at 40 steps
-# an idle machine finished the run first)
-FAULT_STEPS = 200
-FAULT_FLAGS = with_flags(TRAIN_FLAGS, max_train_steps=str(FAULT_STEPS), logging_steps="1", checkpointing_steps="10",
-                         validation_steps="0")
+# a longer run, logged every step, with a checkpoint every 50 steps. Long enough (600 steps, ~17 s on an idle core)
+# that the resumed attempt is still training when Ctrl-C has gone through the driver, Ray's cancel, the task and the
+# trainer's supervisor: at 40 steps an idle machine finished the run first, and at 200 steps a loaded one did.
+FAULT_STEPS, FAULT_EVERY = 600, 50
+FAULT_FLAGS = with_flags(TRAIN_FLAGS, max_train_steps=str(FAULT_STEPS), logging_steps="1",
+                         checkpointing_steps=str(FAULT_EVERY), validation_steps="0")
 
 
 class HolderWatch(threading.Thread):
@@ -196,7 +196,7 @@ def test_a_killed_trainer_resumes_under_ray_and_ctrl_c_leaves_the_run_resumable(
     assert all(line.endswith("--resume_from_checkpoint latest") for line in launches[1:]), launches
     resumed = re.findall(r"resumed from \S+/checkpoint-(\d+) at step (\d+)", log)
     first, last = (int(step) for _, step in (resumed[0], resumed[-1]))
-    assert all(int(c) == int(s) for c, s in resumed) and first % 10 == 0 and last >= first, resumed
+    assert all(int(c) == int(s) for c, s in resumed) and first % FAULT_EVERY == 0 and last >= first, resumed
     assert f"taking over the lock of pid {victim}, which is no longer running" in log
     steps = [r["step"] for r in rundir.read_metrics(run_dir / rundir.METRICS) if "train/loss" in r]
     assert steps == list(range(1, FAULT_STEPS + 1))  # one record per step: what the killed attempt did past its checkpoint is gone
