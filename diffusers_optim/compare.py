@@ -46,7 +46,7 @@ from diffusers_optim.config import (
 from diffusers_optim.errors import UserError
 from diffusers_optim.live import ProgressBoard, final_lines, live_view
 from diffusers_optim.optim.args import split_top_level
-from diffusers_optim.ray_backend import RaySettings, add_ray_flags, connected, resolve_backend
+from diffusers_optim.ray_backend import RaySettings, add_ray_flags, connected, free_port, resolve_backend
 from diffusers_optim.report import last_value, read_json, read_metrics, summarize
 
 logger = logging.getLogger(__name__)
@@ -479,8 +479,6 @@ def own_port(accelerate_config: str | None, num_parallel: int) -> list[str] | No
 
     if (load_config_from_file(accelerate_config).num_machines or 1) > 1:
         return None
-    from diffusers_optim.ray_backend import free_port
-
     return ["--main_process_port", str(free_port())]
 
 
@@ -613,8 +611,8 @@ def execute(
         state = run_state(run, root)
         if not reused(run, state):
             board.started(run.name)
-            finished(run, launch_run(run, state, root, accelerate_config, launcher, own_port(accelerate_config,
-                                                                                           num_parallel)))
+            port = own_port(accelerate_config, num_parallel)  # each launch its own
+            finished(run, launch_run(run, state, root, accelerate_config, launcher, port))
 
     with live_view(board, progress_every):
         if ray is None:
