@@ -66,14 +66,19 @@ def share_compile_cache(folder: Path | None = None) -> str:
 
 
 def check_compiler(device: torch.device) -> None:
-    """--torch_compile on CPU needs a C++ compiler (inductor builds its kernels with it): say so before training."""
+    """--torch_compile on CPU needs a C++ compiler (inductor builds its kernels with it): say so before training.
+
+    Only inductor's own "no compiler found" error means that; any other failure of the lookup is raised as it is
+    (a broken inductor config once read as "needs a C++ compiler" although g++ was installed).
+    """
     if device.type != "cpu":
         return
     from torch._inductor import cpp_builder
+    from torch._inductor.exc import InvalidCxxCompiler
 
     try:
         cpp_builder.get_cpp_compiler()
-    except Exception:  # noqa: BLE001 - inductor raises its own error types, varying between versions
+    except InvalidCxxCompiler:
         from diffusers_optim.errors import UserError
 
         raise UserError("--torch_compile on CPU needs a C++ compiler (g++ or clang++; set CXX to choose one): "

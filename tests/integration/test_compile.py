@@ -69,4 +69,7 @@ def test_compiled_run_never_recompiles_resumes_bit_exact_and_matches_eager(tiny_
     for a, b in zip(maths(straight), maths(eager)):
         assert a.keys() == b.keys()
         for key in a:
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+            if a[key] is None or b[key] is None:  # a bucket no sample of the log window fell in is null in both
+                assert a[key] is b[key], key
+            else:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key

@@ -94,15 +94,31 @@ def test_channels_last_changes_layout_not_values():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_missing_compiler_is_a_one_line_error(monkeypatch):
+def test_missing_compiler_is_a_one_line_error():
     from torch._inductor import config
 
     from diffusers_optim.errors import UserError
 
-    monkeypatch.setattr(config.cpp, "cxx", (None, "no-such-compiler-x"))
-    with pytest.raises(UserError, match="needs a C\\+\\+ compiler"):
-        check_compiler(torch.device("cpu"))
+    # inductor's own patch(): pytest's monkeypatch cannot undo a setattr on its config proxy (the attribute was
+    # gone afterwards, and every later --torch_compile in the process read as "no compiler")
+    with config.patch({"cpp.cxx": (None, "no-such-compiler-x")}):
+        with pytest.raises(UserError, match="needs a C\\+\\+ compiler"):
+            check_compiler(torch.device("cpu"))
+    check_compiler(torch.device("cpu"))  # g++ is found again once the patch is undone
     check_compiler(torch.device("cuda"))  # GPU kernels are Triton's: no host compiler needed
+
+
+def test_another_failure_of_the_compiler_lookup_is_not_called_a_missing_compiler(monkeypatch):
+    """A broken inductor (here: its config without cpp.cxx, which pytest's monkeypatch once left behind) raises its own
+    error instead of the misleading "needs a C++ compiler"."""
+    from torch._inductor import cpp_builder
+
+    def broken() -> str:
+        raise AttributeError("torch._inductor.config.cpp.cxx does not exist")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", broken)
+    with pytest.raises(AttributeError, match="cpp.cxx does not exist"):
+        check_compiler(torch.device("cpu"))
 
 
 def test_the_trainer_points_inductor_at_the_shared_cache(tiny_config, tmp_path, monkeypatch):
