@@ -58,11 +58,41 @@ def decided_on_main(accelerator: Accelerator, check: Callable[[], T]) -> T:
     return verdict[0]
 
 
-# Under `accelerate launch` (torch elastic) a signal sent to every process (Slurm's scancel, `kill` of the job)
-# reaches a worker twice: directly, and forwarded by the launcher a moment later. Signals this close together
-# are one request; a later one is the user insisting.
+# Under a launcher one request reaches a worker twice. Torch elastic (`accelerate launch` of several processes,
+# torchrun) forwards a signal sent to every process (Slurm's scancel, `kill` of the job) a moment after the worker
+# got it directly. Accelerate's single-process launcher (1.16+) answers Ctrl-C, which its worker also gets from the
+# terminal, with a SIGTERM to the worker's process tree. Signals this close together are one request; a later one
+# is the user insisting.
 REPEAT_WINDOW_S = 2.0
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def under_forwarding_launcher() -> bool:
+    """True when a launcher may repeat a signal this process got directly: torch elastic (TORCHELASTIC_RUN_ID) or
+    `accelerate launch` as this process's parent (its single-process path runs the script as a plain child and sets
+    no variable of its own that a user could not also set)."""
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        return True
+    import psutil  # accelerate's own dependency (its launcher uses it)
+
+    try:
+        argv = psutil.Process(os.getppid()).cmdline()
+    except (psutil.Error, OSError):
+        return False
+    names = [os.path.basename(arg) for arg in argv[:3]]  # `accelerate launch` or `python -m accelerate... launch`
+    return "launch" in argv and any(name.startswith("accelerate") for name in names)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: stop signals are the training process's to handle.
+
+    Ctrl-C reaches every process of the terminal's group, and accelerate's single-process launcher SIGTERMs the whole
+    process tree: a data worker that died of either made torch's SIGCHLD handler raise "DataLoader worker ... is
+    killed by signal" inside the step, so the run crashed instead of saving its checkpoint. The DataLoader shuts its
+    workers down when the run ends, and a worker whose parent died exits by itself (torch's watchdog).
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 @dataclass(frozen=True)
@@ -82,7 +112,8 @@ class StopRequest:
     """SIGINT/SIGTERM set a flag (never an exception mid-step); `agreed()` at a step boundary turns the flags of
     all processes into one decision, so every process saves the same checkpoint and none is left in a collective.
 
-    A second signal (more than REPEAT_WINDOW_S after the first) exits at once with status 130, without a checkpoint.
+    A second signal (under a launcher: more than REPEAT_WINDOW_S after the first) exits at once with status 130,
+    without a checkpoint.
     """
 
     def __init__(self, accelerator: Accelerator):
@@ -91,13 +122,13 @@ class StopRequest:
         self.first_at = self.left_at = 0.0
         self.stopped_by_signal = False
         self.group = stop_group(accelerator)
+        self.repeat_window = REPEAT_WINDOW_S if under_forwarding_launcher() else 0.0
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         if not self.signum:
             self.signum, self.first_at = signum, time.monotonic()
             return
-        window = REPEAT_WINDOW_S if os.environ.get("TORCHELASTIC_RUN_ID") else 0.0  # forwarding needs a launcher
-        if time.monotonic() - self.first_at > window:
+        if time.monotonic() - self.first_at > self.repeat_window:
             os.write(2, f"\n{signal.Signals(signum).name} again: exiting now, without a checkpoint\n".encode())
             os._exit(130)
 

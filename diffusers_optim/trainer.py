@@ -36,7 +36,7 @@ from diffusers_optim.config import (
 )
 from diffusers_optim.data import build_datasets, num_failed_loads, num_loader_workers
 from diffusers_optim.diffusion import min_snr_weights, per_sample_mse, training_target
-from diffusers_optim.distributed import Stop, StopRequest, decided_on_main
+from diffusers_optim.distributed import Stop, StopRequest, decided_on_main, ignore_stop_signals
 from diffusers_optim.errors import UserError
 from diffusers_optim.metrics.keys import raw_key
 from diffusers_optim.metrics.probes import GradProbe, build_probe_batch, first_moment_buffers
@@ -673,7 +673,8 @@ class Trainer:
                              cfg.seed, start=self.step * cfg.gradient_accumulation_steps)
         workers = self.num_workers
         return torch.utils.data.DataLoader(self.data.train, batch_sampler=stream, num_workers=workers,
-                                           persistent_workers=workers > 0, pin_memory=acc.device.type == "cuda")
+                                           persistent_workers=workers > 0, pin_memory=acc.device.type == "cuda",
+                                           worker_init_fn=ignore_stop_signals if workers > 0 else None)
 
     def finish(self) -> dict[str, Any]:
         """Save the final pipeline, write run_summary.json last, and upload if asked."""

@@ -182,3 +182,68 @@ def test_sigint_and_sigterm_inside_a_step_stop_both_processes_with_one_checkpoin
     assert_same_weights(out / "unet" / "diffusion_pytorch_model.safetensors",
                         straight / "unet" / "diffusion_pytorch_model.safetensors")
     assert losses(out) == losses(straight) and len(losses(out)) == STEPS
+
+
+ONE_PROCESS_LAUNCHERS = {
+    "no launcher": [sys.executable],
+    # README's single-process command; accelerate 1.16+ answers Ctrl-C with a SIGTERM to its worker's process tree
+    "accelerate launch, one process": [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
+                                       "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+                                       "--dynamo_backend", "no"],
+}
+
+
+def run_one_process(launcher: list[str], flags: list[str], env: dict[str, str], log: Path) -> subprocess.CompletedProcess:
+    """The real script, through signal_at.py, in a session of its own: its process group is the terminal's."""
+    proc = subprocess.Popen([*launcher, str(HERE / "signal_at.py"), *flags], cwd=ROOT, text=True,
+                            env={**env, "PYTHONPATH": str(ROOT), "STOP_LOG": str(log)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=LAUNCH_TIMEOUT)
+    finally:
+        kill_tree(proc.pid)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_each_one_process_launcher_saves_the_step_and_resumes_exactly(offline_env, tmp_path):
+    """Ctrl-C (a real SIGINT to the process group, as a terminal sends it) with no launcher and under `accelerate
+    launch` with one process, on image-folder data decoded by a DataLoader worker: one checkpoint of the interrupted
+    step, status 130, and the resumed run ends bit-identical to one never stopped. (Two processes: the test above.)
+    Under accelerate's launcher the worker got SIGTERM right after the SIGINT and exited without a checkpoint, and
+    its data worker, killed by that SIGTERM, crashed the step."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(32):
+        pixels = torch.randint(0, 256, (8, 8, 3), generator=torch.Generator().manual_seed(i), dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(images / f"img{i:03d}.png")
+    common = [*TINY_FLAGS, "--resolution", "8", "--train_data_dir", str(images), "--dataloader_num_workers", "1",
+              "--max_train_steps", "6", "--logging_steps", "1", "--checkpointing_steps", "0"]
+    straight = tmp_path / "straight"
+    proc = run_one_process([sys.executable], [*common, "--output_dir", str(straight)],
+                           {**offline_env, "STOP_AT": "0:99:forward:SIGINT:group"}, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    for i, (name, launcher) in enumerate(ONE_PROCESS_LAUNCHERS.items()):
+        out, log = tmp_path / f"run-{i}", tmp_path / f"log-{i}"
+        log.mkdir()
+        env = {**offline_env, "STOP_AT": "0:2:forward:SIGINT:group"}  # inside step 3
+        proc = run_one_process(launcher, [*common, "--output_dir", str(out)], env, log)
+        context = f"{name}\n{proc.stderr[-4000:]}"
+        assert (log / "signal.json").is_file(), context
+        assert proc.returncode == 130, context
+        assert json.loads((log / "exit-0.json").read_text())["code"] == 130, context
+        assert "again: exiting now" not in proc.stderr and "Traceback" not in proc.stderr, context
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("interrupted (")]
+        assert lines == [f"interrupted (SIGINT) after step 3: checkpoint saved in {out}; "
+                         "continue with --resume_from_checkpoint latest"], context
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-000003"], context
+
+        proc = run_one_process(launcher, [*common, "--output_dir", str(out), "--resume_from_checkpoint", "latest"],
+                               {**offline_env, "STOP_AT": "0:99:forward:SIGINT:group"}, log)
+        assert proc.returncode == 0, f"{name}\n{proc.stderr[-4000:]}"
+        assert_same_weights(out / "unet" / "diffusion_pytorch_model.safetensors",
+                            straight / "unet" / "diffusion_pytorch_model.safetensors")
+        assert losses(out) == losses(straight) and len(losses(out)) == 6, name
