@@ -7,13 +7,27 @@ PIP := $(PYTHON) -m pip
 # A CPU build of torch installs in seconds; a bare `torch` requirement would pull several GB of CUDA wheels.
 # An already installed torch (e.g. a CUDA build on a GPU machine) is kept.
 TORCH_SPEC ?= torch==2.13.0
+# Every other package at the exact release CI tested (see constraints.txt); `make install LOCK=` resolves afresh.
+LOCK ?= constraints.txt
 DEMO_DIR ?= outputs/demo
 
-.PHONY: install demo study test lint bench clean
+.PHONY: install lock demo study test lint bench clean
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet $(if $(LOCK),--constraint $(LOCK)) -e ".[test]"
+
+# Move the lock on purpose: the newest releases that pyproject.toml admits, resolved in a scratch venv beside torch.
+# Then run `make test` and commit constraints.txt with what the new releases needed.
+LOCK_VENV := .lock-venv
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(LOCK_VENV)/bin/python -m pip install --quiet -e ".[test]"
+	sed -n '/^#/p' constraints.txt > $(LOCK_VENV)/constraints.txt
+	$(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | grep -v '^torch==' >> $(LOCK_VENV)/constraints.txt
+	mv $(LOCK_VENV)/constraints.txt constraints.txt && rm -rf $(LOCK_VENV)
+	git diff --stat constraints.txt
 
 # The classic advice's four (SGD with momentum, RMSProp, Adam, AdamW) plus Lion and Prodigy, each at its family's
 # usual learning-rate scale for this model, with warmup, cosine decay and clipping; ~8 minutes on 2 CPU cores.
@@ -51,7 +65,7 @@ study: install
 
 # One torch thread per process, one xdist worker per core: tiny models scale badly across threads.
 test: install
-	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n auto --maxschedchunk 1 --durations=15
+	DIFFUSERS_OPTIM_LOCK=$(LOCK) OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n auto --maxschedchunk 1 --durations=15
 
 lint:
 	$(PYTHON) -m ruff check diffusers_optim train_scripts tests benchmarks scripts
