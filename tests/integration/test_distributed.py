@@ -1,5 +1,5 @@
 """Two real processes (`accelerate launch --multi_gpu --num_processes 2` on gloo): start-up without races,
-and stops by signal that every process agrees on (issue 16)."""
+stops by signal that every process agrees on (issue 16), and resumes at another process count."""
 
 from __future__ import annotations
 
@@ -15,7 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from diffusers_optim import cli, rundir
 from tests.conftest import TINY_FLAGS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_run_folder import hashes, one_line_error  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -247,3 +251,102 @@ def test_ctrl_c_under_each_one_process_launcher_saves_the_step_and_resumes_exact
         assert_same_weights(out / "unet" / "diffusion_pytorch_model.safetensors",
                             straight / "unet" / "diffusion_pytorch_model.safetensors")
         assert losses(out) == losses(straight) and len(losses(out)) == 6, name
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_one_machine_of_two_stops_both_after_one_step_and_resumes_exactly(offline_env, tmp_path):
+    """Two machines (two launchers on this host, one process each, static rendezvous, as two_machines.yaml): Ctrl-C
+    in the first machine's terminal stops both after the same step with one checkpoint, and the resumed run ends
+    bit-identical to a one-machine 2-process run. The other machine's launcher reports its worker's status 130 as a
+    ChildFailedError (torch elastic's own report, exit 1)."""
+    common = [*TINY_FLAGS, "--max_train_steps", "6", "--logging_steps", "1"]
+    straight, out, log = tmp_path / "straight", tmp_path / "run", tmp_path / "log"
+    log.mkdir()
+    proc = run_two_processes([*common, "--output_dir", str(straight)], offline_env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    def two_machines(*extra: str, stop_at: str = "0:99:forward:SIGINT:group") -> list[subprocess.CompletedProcess]:
+        port = str(free_port())
+        env = {**two_process_env(offline_env), "STOP_AT": stop_at, "STOP_LOG": str(log)}
+        launchers = [subprocess.Popen(
+            [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2",
+             "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+             "--main_process_port", port, "--rdzv_backend", "static", "--same_network", "--mixed_precision", "no",
+             "--dynamo_backend", "no", str(HERE / "signal_at.py"), *common, "--output_dir", str(out), *extra],
+            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+            for rank in (0, 1)]
+        try:
+            outputs = [p.communicate(timeout=LAUNCH_TIMEOUT) for p in launchers]
+            return [subprocess.CompletedProcess(p.args, p.returncode, *o) for p, o in zip(launchers, outputs)]
+        finally:
+            for p in launchers:
+                kill_tree(p.pid)
+
+    first, second = two_machines(stop_at="0:2:forward:SIGINT:group")  # machine 0's rank 0, inside step 3
+    context = f"{first.stderr[-3000:]}\n--- machine 1 ---\n{second.stderr[-3000:]}"
+    assert [json.loads((log / f"exit-{r}.json").read_text())["code"] for r in (0, 1)] == [130, 130], context
+    assert first.returncode == 130 and second.returncode == 1, context
+    lines = [line for line in first.stderr.splitlines() if line.startswith("interrupted (")]
+    assert lines == [f"interrupted (SIGINT) after step 3: checkpoint saved in {out}; "
+                     "continue with --resume_from_checkpoint latest"], context
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-000003"], context
+
+    resumed = two_machines("--resume_from_checkpoint", "latest")
+    assert [p.returncode for p in resumed] == [0, 0], resumed[0].stderr[-3000:] + resumed[1].stderr[-3000:]
+    assert_same_weights(out / "unet" / "diffusion_pytorch_model.safetensors",
+                        straight / "unet" / "diffusion_pytorch_model.safetensors")
+    assert losses(out) == losses(straight) and len(losses(out)) == 6
+
+
+def assert_same_run_to_rounding(out: Path, straight: Path) -> None:
+    """The same losses and weights as the unbroken run, up to the float rounding of another summation order."""
+    assert losses(out) == pytest.approx(losses(straight), rel=1e-5) and len(losses(out)) == len(losses(straight))
+    a = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(straight / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=5e-5)
+
+
+@pytest.mark.slow
+def test_a_new_process_count_continues_at_the_same_global_batch_and_refuses_another(offline_env, tmp_path, capsys):
+    """Checkpoints at step 2 of a 4-step run by 2 processes at batch 4 and by 1 process at batch 8 (global batch 8
+    both), resumed at the other process count. The same per-process batch halves or doubles the global batch: one
+    error line naming both and the --train_batch_size that continues, not a byte of the run changed (2 x 4 resumed by
+    1 process at batch 4 used to train on at global batch 4). The same global batch continues the same experiment
+    and ends as the unbroken run, to float rounding (the all-reduce sums in another order)."""
+    common = [*TINY_FLAGS, "--max_train_steps", "4", "--logging_steps", "1", "--checkpointing_steps", "2"]
+    resume = ["--resume_from_checkpoint", "latest"]
+    straight, two, one = tmp_path / "straight", tmp_path / "two", tmp_path / "one"
+    assert cli.main(["train", *common, "--output_dir", str(straight)]) == 0  # 1 process x 8, never moved
+    assert cli.main(["train", *common, "--output_dir", str(one), "--stop_after_steps", "2"]) == 0
+    proc = run_two_processes([*common, "--train_batch_size", "4", "--output_dir", str(two), "--stop_after_steps", "2"],
+                             offline_env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    capsys.readouterr()
+
+    before = hashes(two)  # 2 processes x 4 -> 1 process x 4
+    code = cli.main(["train", *common, "--train_batch_size", "4", "--output_dir", str(two), *resume])
+    one_line_error(capsys, code, "checkpoint-000002: checkpoint at global batch 8 (2 processes x 4); this launch "
+                   "gives 4 (1 process x 4): pass --train_batch_size 8 to continue the same experiment, or pass "
+                   "--allow_config_change to apply and record the change")
+    assert hashes(two) == before
+    before = hashes(one)  # 1 process x 8 -> 2 processes x 8: every process refuses, the main one says so
+    proc = run_two_processes([*common, "--output_dir", str(one), *resume], offline_env)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-4000:]
+    assert "checkpoint at global batch 8 (1 process x 8); this launch gives 16 (2 processes x 8): pass " \
+           "--train_batch_size 4 to continue" in errors[0]
+    assert str(ROOT / "diffusers_optim") not in proc.stderr  # no traceback of ours (torch elastic adds its report)
+    assert hashes(one) == before
+
+    assert cli.main(["train", *common, "--output_dir", str(two), *resume]) == 0  # 2 processes x 4 -> 1 x 8
+    proc = run_two_processes([*common, "--train_batch_size", "4", "--output_dir", str(one), *resume], offline_env)
+    assert proc.returncode == 0, proc.stderr[-4000:]  # 1 process x 8 -> 2 x 4
+    for out, processes, batch in ((two, 1, 8), (one, 2, 4)):
+        assert_same_run_to_rounding(out, straight)
+        assert [r["train/images_seen"] for r in rundir.read_metrics(out / rundir.METRICS)] == [8, 16, 24, 32]
+        config = json.loads((out / rundir.CONFIG).read_text())
+        assert (config["num_processes"], config["config"]["train_batch_size"], config["config_changes"]) == (
+            processes, batch, [])
+    assert losses(one)[:2] == losses(straight)[:2]  # one process at batch 8 up to the checkpoint: bit for bit
