@@ -14,6 +14,7 @@ COMMANDS = {
     "optimizers": ("diffusers_optim.optim.table", "list registered optimizers, defaults and state memory"),
     "summarize": ("diffusers_optim.report", "rebuild summary and local report of a comparison folder"),
     "report": ("diffusers_optim.wandb_report", "build a W&B report for a group of runs"),
+    "push": ("diffusers_optim.hub", "publish a finished run to the Hub (pipeline, model card, config, samples)"),
 }
 
 

@@ -1,12 +1,19 @@
 """Publish a finished run to the Hub: access check before training, a model card that records how the model
-was trained (optimizer and every hyperparameter), and an upload of the pipeline only."""
+was trained (optimizer and every hyperparameter), and an upload of the pipeline only.
+
+The card is built from the run folder's own files (config.json, run_summary.json), so the upload at the end of a
+run and `diffusers-optim push RUN_DIR` later publish the same card and the same files.
+"""
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import re
+import shlex
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
@@ -82,27 +89,27 @@ def _one_line(err: Exception, token: str | None) -> str:
     return text.replace(token, REDACTED) if token else text
 
 
-def check_hub_access(cfg: Any, api: HfApi | None = None) -> str:
-    """Fail in seconds, before training, if --push_to_hub cannot work; create the repo and return its id."""
+def check_hub_access(cfg: Any, api: HfApi | None = None, what: str = "--push_to_hub") -> str:
+    """Fail in seconds, before training, if --push_to_hub cannot work; create the repo and return its id.
+
+    what: who asks, for the messages (`--push_to_hub`, or `push` for the command)."""
     if _offline():
-        raise UserError("--push_to_hub needs network, but HF_HUB_OFFLINE is set")
+        raise UserError(f"{what} needs network, but HF_HUB_OFFLINE is set")
     token = _token(cfg)
     if not token:
-        raise UserError(
-            "--push_to_hub needs a Hub token: run `hf auth login`, set HF_TOKEN, or pass --hub_token"
-        )
+        raise UserError(f"{what} needs a Hub token: run `hf auth login`, set HF_TOKEN, or pass --hub_token")
     api = api or HfApi()
     try:
         username = api.whoami(token=token)["name"]
     except Exception as err:  # bad token, no network, proxy: all mean "cannot push"
         raise UserError(
-            f"--push_to_hub: cannot reach the Hub with this token ({type(err).__name__}: {_one_line(err, token)})"
+            f"{what}: cannot reach the Hub with this token ({type(err).__name__}: {_one_line(err, token)})"
         ) from None
     repo_id = _compose_repo_id(cfg, username)
     try:
         api.create_repo(repo_id, private=cfg.hub_private_repo, exist_ok=True, token=token)
     except Exception as err:
-        raise UserError(f"--push_to_hub: cannot create {repo_id} ({_one_line(err, token)})") from None
+        raise UserError(f"{what}: cannot create {repo_id} ({_one_line(err, token)})") from None
     return repo_id
 
 
@@ -306,6 +313,20 @@ def _check_no_token_in(output_dir: Path, token: str | None, sample_grid: str | N
             raise UserError(f"refusing to upload {path}: it contains your Hub token")
 
 
+def push_command(output_dir: Path, repo_id: str | None = None, private: bool = False) -> str:
+    """The one command that publishes this run later (never with a token: the command finds it as train does)."""
+    words = ["diffusers-optim", "push", str(Path(output_dir).resolve())]
+    words += ["--hub_model_id", repo_id] if repo_id else []
+    return shlex.join(words + (["--hub_private_repo"] if private else []))
+
+
+def save_card(output_dir: Path, card: ModelCard) -> None:
+    """README.md in the run folder; an unchanged card is left as it is (a repeated push rewrites nothing)."""
+    path, text = Path(output_dir) / CARD, str(card)
+    if not (path.is_file() and path.read_bytes() == text.encode("utf-8")):
+        rundir.write_text(path, text)
+
+
 def push_run(
     output_dir: Path,
     repo_id: str,
@@ -314,15 +335,17 @@ def push_run(
     api: HfApi | None = None,
     commit_message: str = "Upload diffusers-optim run",
     sample_grid: str | None = None,
+    private: bool = False,
 ) -> str:
     """Write the card as README.md and upload the pipeline, card, config and final grid; return the URL.
 
     sample_grid: the grid's path relative to output_dir (as in the card), when not named samples/final*.
+    private: the repository's visibility, for the retry command a failure names.
     """
     output_dir = Path(output_dir)
     if not (output_dir / "model_index.json").is_file():
         raise UserError(f"no saved pipeline in {output_dir} (model_index.json is missing); nothing to push")
-    card.save(output_dir / CARD)
+    save_card(output_dir, card)
     _check_no_token_in(output_dir, token, sample_grid)
     api = api or HfApi()
     try:
@@ -337,6 +360,74 @@ def push_run(
     except Exception as err:
         raise UserError(
             f"upload to {repo_id} failed ({type(err).__name__}: {_one_line(err, token)}); "
-            f"the run is safe in {output_dir}, retry the push later"
+            f"the run is safe in {output_dir}; publish it with: {push_command(output_dir, repo_id, private)}"
         ) from None
     return str(getattr(info, "repo_url", "") or f"https://huggingface.co/{repo_id}")
+
+
+# ---- a finished run, published from its folder (at the end of training and by `diffusers-optim push`) ----
+def run_card_info(output_dir: Path) -> dict[str, Any]:
+    """What the model card records, read from the run folder: the run config and the final summary."""
+    run = rundir.read_json(Path(output_dir) / rundir.CONFIG)
+    summary = rundir.read_json(Path(output_dir) / rundir.SUMMARY)
+    final = summary.get("final", {})
+    return {"config": run.get("config", {}), "optimizer": run.get("optimizer", {}), "dataset": run.get("dataset"),
+            "num_processes": run.get("num_processes", 1), "steps": summary.get("steps"),
+            "versions": run.get("versions"), "sample_grid": summary.get("sample_grid"),
+            "metrics": {k: v for k, v in final.items() if k.startswith(("eval/", "val/")) and v is not None}}
+
+
+def publish_run(output_dir: Path, repo_id: str, token: str | None = None, private: bool = False,
+                api: HfApi | None = None) -> str:
+    """Card from the run folder, then the upload (push_run); returns the repository's URL.
+
+    token: --hub_token, else HF_TOKEN or the saved login (resolved here, so the token-in-a-file check uses it)."""
+    info = run_card_info(output_dir)
+    card = build_model_card(info, repo_id=repo_id)
+    return push_run(output_dir, repo_id, card, token=token or get_token(), api=api,
+                    sample_grid=info["sample_grid"], private=private)
+
+
+def check_finished(output_dir: Path) -> None:
+    """Only a finished run is published: one not saved to the end would be a model nobody trained."""
+    if not output_dir.is_dir():
+        raise UserError(f"push: run folder not found: {output_dir}")
+    if rundir.lock_holder(output_dir) is not None:
+        raise UserError(rundir.in_use_message(output_dir))
+    if not rundir.is_complete(output_dir):
+        raise UserError(f"push: {output_dir} is not a finished run (no complete {rundir.SUMMARY}); finish it with "
+                        f"its train command and --resume_from_checkpoint latest, then push")
+
+
+def push_finished_run(output_dir: Path, hub_model_id: str | None = None, token: str | None = None,
+                      private: bool = False, api: HfApi | None = None) -> str:
+    """`diffusers-optim push`: the end-of-run upload of a finished run, any time later; returns the URL."""
+    output_dir = Path(output_dir)
+    check_finished(output_dir)
+    recorded = rundir.read_json(output_dir / rundir.CONFIG).get("config", {})
+    # the repository the run would have pushed to: --hub_model_id, else the run's own, else the folder's name
+    cfg = SimpleNamespace(hub_model_id=hub_model_id or recorded.get("hub_model_id"), output_dir=str(output_dir),
+                          hub_token=token, hub_private_repo=private or bool(recorded.get("hub_private_repo")))
+    api = api or HfApi()
+    repo_id = check_hub_access(cfg, api, what="push")
+    with rundir.locked(output_dir):  # the card is written there: no trainer may start on the folder meanwhile
+        return publish_run(output_dir, repo_id, token, cfg.hub_private_repo, api)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="diffusers-optim push",
+        description="Publish a finished run to the Hub: the pipeline, the model card, config.json and the final "
+        "sample grid (the upload --push_to_hub makes at the end; checkpoints, logs and metrics stay local).",
+    )
+    parser.add_argument("run_dir", help="The run's folder (the --output_dir of `train`).")
+    parser.add_argument("--hub_model_id", default=None,
+                        help="Repository id (default: the run's --hub_model_id, else the folder's name; your "
+                        "namespace is added when none is given).")
+    parser.add_argument("--hub_token", default=None, help="Hub token (default: HF_TOKEN or the saved login).")
+    parser.add_argument("--hub_private_repo", action="store_true",
+                        help="Create the repository as private (if it does not exist yet).")
+    args = parser.parse_args(argv)
+    url = push_finished_run(Path(args.run_dir), args.hub_model_id, args.hub_token, args.hub_private_repo)
+    print(f"uploaded {args.run_dir} to {url}")
+    return 0

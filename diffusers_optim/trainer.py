@@ -190,10 +190,14 @@ class Trainer:
         return ckpt.read_trainer_state(self.resume_path).get("step", -1) >= self.max_steps
 
     def leave_complete_run(self) -> dict[str, Any]:
-        """Nothing is loaded, rewritten or logged again: the run's files stay byte-identical."""
+        """Nothing is loaded, rewritten or logged again: the run's files stay byte-identical. With --push_to_hub
+        the finished run is uploaded as it is (a push that failed at the end, retried by the same command); only
+        the model card README.md is written, and only when it is missing or differs."""
         summary = rundir.read_json(self.out / rundir.SUMMARY)
         logger.info(f"{self.out} is already complete ({summary.get('steps')} steps): nothing to train, its files "
                     "are left as they are", main_process_only=True)
+        if self.repo_id and self.accelerator.is_main_process:
+            self.publish()
         self.step = int(summary.get("steps") or self.max_steps)
         self.accelerator.end_training()
         return summary
@@ -688,25 +692,19 @@ class Trainer:
                                     self.nonfinite_total)
             rundir.drop_overwritten(self.out)
             if self.repo_id:
-                from diffusers_optim import hub
-
-                card = hub.build_model_card(self.card_info(summary))
                 with self.status.phase("Hub upload", f"{self.out} to {self.repo_id}"):
-                    url = hub.push_run(self.out, self.repo_id, card, token=self.cfg.hub_token,
-                                       sample_grid=summary.get("sample_grid"))
-                logger.info(f"uploaded to {url}", main_process_only=True)
+                    self.publish()
             self.status.update(phase="done")
         acc.wait_for_everyone()
         acc.end_training()
         return summary
 
-    def card_info(self, summary: dict[str, Any]) -> dict[str, Any]:
-        run = self.run_config()
-        return {"config": run["config"], "optimizer": run["optimizer"], "dataset": self.data.name,
-                "num_processes": self.accelerator.num_processes, "steps": self.step, "versions": run["versions"],
-                "metrics": {k: v for k, v in summary.get("final", {}).items()
-                            if k.startswith(("eval/", "val/")) and v is not None},
-                "sample_grid": summary.get("sample_grid")}
+    def publish(self) -> None:
+        """Upload the finished run (card from its own files, as `diffusers-optim push` does later)."""
+        from diffusers_optim import hub
+
+        url = hub.publish_run(self.out, self.repo_id, self.cfg.hub_token, self.cfg.hub_private_repo)
+        logger.info(f"uploaded to {url}", main_process_only=True)
 
     def _due(self, every: int, step: int | None = None) -> bool:
         return every > 0 and (self.step if step is None else step) % every == 0
@@ -870,6 +868,8 @@ def check_output_dir(cfg: TrainConfig, out: Path) -> Path | None:
         path = ckpt.find_checkpoint(out, "latest" if resume == "auto" else resume)
         if path is not None:
             return path
+        if rundir.is_complete(out) and not cfg.overwrite_output_dir:
+            raise UserError(finished_without_checkpoint(cfg, out))
         if resume == "latest":
             logger.warning(f"WARNING: --resume_from_checkpoint latest found no checkpoint in {out / 'checkpoints'}: "
                            "training starts from step 0", main_process_only=True)
@@ -882,6 +882,16 @@ def check_output_dir(cfg: TrainConfig, out: Path) -> Path | None:
                 "pass --resume_from_checkpoint latest to continue it or --overwrite_output_dir to replace it")
         raise UserError(f"output directory {out} already holds a run ({', '.join(existing)}); {hint}")
     return None
+
+
+def finished_without_checkpoint(cfg: TrainConfig, out: Path) -> str:
+    """A finished run saved no checkpoint (--checkpointing_steps 0): there is nothing to resume; say what can be done."""
+    from diffusers_optim.hub import push_command
+
+    steps = rundir.read_json(out / rundir.SUMMARY).get("steps")
+    return (f"{out} is a finished run ({steps} steps) with no checkpoint to continue from; publish it with: "
+            f"{push_command(out, cfg.hub_model_id, cfg.hub_private_repo)}; or pass --overwrite_output_dir to train it "
+            "again")
 
 
 def clear_previous_run(out: Path) -> None:

@@ -38,7 +38,7 @@ def test_torch_class_by_path_trains_and_is_recorded_like_a_registered_one(tiny_c
     record = json.loads((Path(cfg.output_dir) / "config.json").read_text())["optimizer"]
     assert record["name"] == "torch.optim.NAdam" and record["hparams"]["betas"] == [0.8, 0.999]
     assert "by import path" in record["description"]
-    card = hub.build_model_card(trainer.card_info({"final": {}}))
+    card = hub.build_model_card(hub.run_card_info(Path(cfg.output_dir)))
     assert "torch.optim.NAdam" in card.text and "optimizer-torch-optim-nadam" in card.data.tags
 
 

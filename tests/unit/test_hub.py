@@ -275,3 +275,20 @@ def test_push_refuses_a_file_holding_the_token(tmp_path):
 def test_push_without_pipeline_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="model_index.json is missing"):
         hub.push_run(tmp_path, "a/b", hub.build_model_card(make_run(make_cfg(tmp_path))), api=FakeApi())
+
+
+def test_failed_upload_names_the_push_command_and_never_the_token(tmp_path):
+    out = tmp_path / "my run"
+    write_run_folder(out)
+
+    class FailingUpload(FakeApi):
+        def upload_folder(self, **kwargs):
+            raise ConnectionError(f"503 while sending with {FAKE_TOKEN}\nretries exhausted")
+
+    card = hub.build_model_card(make_run(make_cfg(tmp_path)))
+    with pytest.raises(UserError) as info:
+        hub.push_run(out, "alice/x", card, token=FAKE_TOKEN, api=FailingUpload(), private=True)
+    message = str(info.value)
+    assert message.endswith(f"publish it with: diffusers-optim push '{out.resolve()}' --hub_model_id alice/x "
+                            "--hub_private_repo")
+    assert FAKE_TOKEN not in message and "\n" not in message
