@@ -24,6 +24,7 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 
+from diffusers_optim import rundir
 from diffusers_optim.errors import UserError
 
 logger = get_logger(__name__)
@@ -83,9 +84,13 @@ def damage(path: Path) -> str | None:
     return None
 
 
+def checkpoint_step(path: Path) -> int:
+    return int(CHECKPOINT_RE.match(Path(path).name).group(1))
+
+
 def latest_usable(output_dir: Path, warn: bool = True) -> Path | None:
-    """The newest intact checkpoint; damaged newer ones are skipped with a warning."""
-    for path in reversed(all_checkpoints(output_dir)):
+    """The newest intact checkpoint of the current timeline; damaged newer ones are skipped with a warning."""
+    for path in reversed(current_timeline(output_dir)):
         problem = damage(path)
         if problem is None:
             return path
@@ -100,7 +105,19 @@ def all_checkpoints(output_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)]
-    return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
+    return sorted(found, key=checkpoint_step)
+
+
+def current_timeline(output_dir: Path) -> list[Path]:
+    """Every checkpoint folder but those beyond a rewind that a crash interrupted (they belong to the abandoned
+    timeline and are on their way to .rewound: see rundir.rewind), oldest first."""
+    cut = rundir.unfinished_rewind(output_dir)
+    return [p for p in all_checkpoints(output_dir) if cut is None or checkpoint_step(p) <= cut]
+
+
+def newer_checkpoints(output_dir: Path, step: int) -> list[Path]:
+    """The checkpoint folders of steps after `step`, intact or not: on a resume at `step`, an abandoned timeline."""
+    return [p for p in all_checkpoints(output_dir) if checkpoint_step(p) > step]
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -213,13 +230,13 @@ def save_checkpoint(
 
 def checkpoint_of_step(output_dir: Path, step: int) -> Path | None:
     """The complete checkpoint saved at `step` (diffusers names it checkpoint-6, we checkpoint-000006)."""
-    return next((p for p in list_checkpoints(output_dir) if int(CHECKPOINT_RE.match(p.name).group(1)) == step), None)
+    return next((p for p in list_checkpoints(output_dir) if checkpoint_step(p) == step), None)
 
 
 def find_checkpoint(output_dir: Path, spec: str) -> Path | None:
     """The checkpoint to resume from: 'latest' (None if there is none yet) or a folder path."""
     if spec == "latest":
-        found = all_checkpoints(Path(output_dir))
+        found = current_timeline(Path(output_dir))
         usable = latest_usable(Path(output_dir))
         if found and usable is None:  # never a silent restart from scratch over a run's damaged checkpoints
             raise UserError(f"no usable checkpoint in {Path(output_dir) / CHECKPOINTS_DIR}: every one is damaged "

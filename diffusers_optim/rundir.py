@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -36,11 +37,14 @@ STATUS = "status.json"  # live progress for onlookers (format: progress.py)
 LOCK = ".lock"  # flock'ed by the process that writes the folder; never deleted (see RunLock)
 HOLDER = ".lock.holder"  # who holds the lock: pid, host, start time; removed on release
 OVERWRITTEN = ".overwritten"  # an old run moved aside by --overwrite_output_dir, until the new one checkpoints
+REWOUND = ".rewound"  # what a resume from an older checkpoint set aside (see rewind), until the run checkpoints
+REWIND_NOTE = "rewind.json"  # in REWOUND: the rewind's step, and whether everything beyond it was moved yet
+SAMPLE_RE = re.compile(r"^step_(\d+)\.png$")  # samples/step_NNNNNN.png, one grid per sampling step
 # files whose presence means "this folder already holds a run"
 RUN_MARKERS = (METRICS, SUMMARY, CHECKPOINTS, "model_index.json")
 # everything a run writes at the top of its folder (what --overwrite_output_dir moves aside)
 RUN_FILES = (CONFIG, METRICS, SUMMARY, SAMPLES, CHECKPOINTS, WANDB_ID, STATUS, "logs", "wandb", "model_index.json", "unet",
-             "scheduler", "README.md")
+             "scheduler", "README.md", REWOUND)
 
 # ---- comparison folder ------------------------------------------------------------------------------
 PLAN = "plan.json"
@@ -170,6 +174,69 @@ def drop_overwritten(folder: Path) -> None:
     if aside.exists():
         shutil.rmtree(aside, ignore_errors=True)
         logger.info("deleted the replaced run %s", aside)
+
+
+def drop_replaced(folder: Path) -> None:
+    """The run has a checkpoint of its own (or finished): an overwritten run and a rewound timeline can go."""
+    drop_overwritten(folder)
+    aside = Path(folder) / REWOUND
+    if aside.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        logger.info("deleted the rewound-over part of the run %s", aside)
+
+
+# ---- a resume from an older checkpoint than the folder's newest (a rewind) -----------------------------
+def rewind(folder: Path, step: int, newer: list[Path]) -> Path | None:
+    """Before the first step of a resume at `step`, set aside what lies beyond it; None when nothing does.
+
+    `newer` are the folder's checkpoints of later steps (the abandoned timeline, which `latest` must never pick);
+    with them go run_summary.json (the folder is no longer complete), the sample grids of later steps and a copy
+    of the whole metrics.jsonl (the resume then cuts it back to `step`). All of it moves to folder/.rewound and
+    is deleted when the run saves a checkpoint or finishes (drop_replaced). The note is written first and marked
+    done last, so a crash in between leaves `latest` blind to checkpoints beyond `step` (unfinished_rewind) and
+    the next resume completes the move.
+    """
+    folder = Path(folder)
+    aside = folder / REWOUND
+    later = [p for p in sorted((folder / SAMPLES).glob("step_*.png")) if _sample_step(p) > step]
+    if not newer and not (folder / SUMMARY).exists() and unfinished_rewind(folder) is None:
+        return None  # an ordinary resume after a crash: nothing beyond `step` but unlogged metrics
+    aside.mkdir(exist_ok=True)
+    write_json(aside / REWIND_NOTE, {"step": step, "done": False})
+    moved = [name for name in (SUMMARY,) if _set_aside(folder / name, aside / name)]  # first: not complete now
+    moved += [p.name for p in newer if _set_aside(p, aside / CHECKPOINTS / p.name)]
+    moved += [f"{SAMPLES}/{p.name}" for p in later if _set_aside(p, aside / SAMPLES / p.name)]
+    if (folder / METRICS).is_file() and not (aside / METRICS).exists():  # an earlier rewind's copy is the older
+        write_text(aside / METRICS, (folder / METRICS).read_text(errors="replace"))
+    write_json(aside / REWIND_NOTE, {"step": step, "done": True})
+    logger.warning("resuming at step %d: %s moved to %s, deleted when this run saves a checkpoint or finishes; "
+                   "%s is cut back to step %d (the whole file is kept there)", step,
+                   ", ".join(moved) or "nothing more", aside, METRICS, step)
+    return aside
+
+
+def unfinished_rewind(folder: Path) -> int | None:
+    """The step of a rewind a crash interrupted (its checkpoints beyond that step are not yet moved), else None."""
+    note = read_json(Path(folder) / REWOUND / REWIND_NOTE)
+    return int(note["step"]) if isinstance(note.get("step"), int) and note.get("done") is False else None
+
+
+def _sample_step(path: Path) -> int:
+    match = SAMPLE_RE.match(path.name)
+    return int(match.group(1)) if match else -1
+
+
+def _set_aside(path: Path, dest: Path) -> bool:
+    """Move path to dest; if dest is already there (set aside by an earlier rewind), what is on top is debris of
+    the rewound run that died before its first checkpoint, and is deleted. False when path does not exist."""
+    if not path.exists():
+        return False
+    if dest.exists():
+        _remove(path)
+        return True
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, dest)
+    return True
 
 
 def _remove(path: Path) -> None:

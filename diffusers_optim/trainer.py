@@ -573,7 +573,7 @@ class Trainer:
                                  model_config=dict(self.accelerator.unwrap_model(self.model).config))
         self.saved_step = self.step
         if self.accelerator.is_main_process:
-            rundir.drop_overwritten(self.out)  # the new run now has something to resume from
+            rundir.drop_replaced(self.out)  # the new run (or rewound timeline) now has something to resume from
 
     def check_same_experiment(self) -> list[dict[str, Any]]:
         """Resume refuses a different experiment (each changed flag named) unless --allow_config_change records it."""
@@ -624,7 +624,8 @@ class Trainer:
         self.elapsed_before = state.get("elapsed_s", 0.0)
         if self.config_changes and self.config_changes[-1].get("step") == self.step:
             self.apply_config_change(state, fresh)
-        if acc.is_main_process:
+        if acc.is_main_process:  # a resume at an older step than the folder's newest sets the later timeline aside
+            rundir.rewind(self.out, self.step, ckpt.newer_checkpoints(self.out, self.step))
             rundir.truncate_metrics(self.out / rundir.METRICS, self.step)
         logger.info(f"resumed from {self.resume_path} at step {self.step}", main_process_only=True)
 
@@ -690,7 +691,7 @@ class Trainer:
                 save_pipeline(unet, self.noise_scheduler, self.out)
             summary = write_summary(self.out, self.step, self.elapsed_before + time.perf_counter() - self.t_start,
                                     self.nonfinite_total)
-            rundir.drop_overwritten(self.out)
+            rundir.drop_replaced(self.out)
             if self.repo_id:
                 with self.status.phase("Hub upload", f"{self.out} to {self.repo_id}"):
                     self.publish()

@@ -18,7 +18,8 @@ TIMEOUT = 300
 
 # Runs the real script, after arranging for the process to SIGKILL itself at a deterministic point:
 # CRASH_AT=step:N  inside the forward pass of step N (0-based);  CRASH_AT=save:N  inside the N-th (1-based)
-# accelerator.save_state, after the weights file is written, as the optimizer state is about to be.
+# accelerator.save_state, after the weights file is written, as the optimizer state is about to be;
+# CRASH_AT=rewind:N  as a resume from an older checkpoint sets the N-th (1-based) file of the later timeline aside.
 LAUNCHER = """
 import os, runpy, signal, sys
 from diffusers_optim.trainer import Trainer
@@ -32,6 +33,15 @@ if kind == "step":
             os.kill(os.getpid(), signal.SIGKILL)
         return compute_loss(self, *args)
     Trainer.compute_loss = crashing_loss
+elif kind == "rewind":
+    from diffusers_optim import rundir
+    set_aside, moves = rundir._set_aside, []
+    def crashing_set_aside(path, dest):
+        moves.append(path)
+        if len(moves) == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return set_aside(path, dest)
+    rundir._set_aside = crashing_set_aside
 else:
     import accelerate.checkpointing as ckpt_mod
     save, calls = ckpt_mod.save, []
@@ -111,6 +121,81 @@ def test_sigkill_during_a_save_then_resume_latest(run_flags, offline_env, tmp_pa
     partial = out / "checkpoints" / ".tmp-checkpoint-000004"
     assert (partial / "model.safetensors").is_file() and not (partial / "optimizer.bin").exists()
     resume_and_finish(run_flags, offline_env, out, expect_from=2)
+
+
+def unet_weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    (weights,) = [p for p in folder.rglob("*.safetensors") if "ema" not in p.parts[-2]]
+    return load_file(weights)
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def curves(out: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock keys, which no two runs share."""
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith(("perf/", "elapsed"))}
+            for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+# the flags of conftest's finished run (4 steps, checkpoints at 2 and 4), rewound with another lr
+REWOUND_FLAGS = ["--max_train_steps", "4", "--logging_steps", "1", "--checkpointing_steps", "2",
+                 "--learning_rate", "3e-4", "--allow_config_change"]
+
+
+@pytest.mark.slow
+def test_rewind_killed_then_latest_resumes_the_rewound_timeline(copy_finished_run, tiny_flags, offline_env, tmp_path):
+    """A complete 4-step run is rewound to checkpoint 2 with a new lr, SIGKILLed in step 3, then resumed with
+    `latest`: it continues the rewound timeline (never the abandoned checkpoint 4), the folder is not marked
+    complete in between, and the result is the unbroken rewound run's, bit for bit."""
+    from diffusers_optim import cli
+
+    flags = [*tiny_flags, *REWOUND_FLAGS]
+    unbroken, broken = copy_finished_run(tmp_path / "unbroken"), copy_finished_run(tmp_path / "broken")
+    abandoned = unet_weights(broken / "checkpoints" / "checkpoint-000004")
+    rewind = ["--resume_from_checkpoint", str(unbroken / "checkpoints" / "checkpoint-000002")]
+    assert cli.main(["train", *flags, "--output_dir", str(unbroken), *rewind]) == 0
+
+    rewind = ["--resume_from_checkpoint", str(broken / "checkpoints" / "checkpoint-000002")]
+    proc = run([*flags, "--output_dir", str(broken), *rewind], offline_env, crash_at="step:2")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    aside = broken / ".rewound"
+    moved = "run_summary.json, checkpoint-000004, samples/step_000004.png"
+    assert f"resuming at step 2: {moved} moved to {aside}, deleted when" in proc.stderr, proc.stderr
+    assert not (broken / "run_summary.json").exists()  # no longer complete: compare and `latest` see it unfinished
+    assert checkpoint_names(broken) == ["checkpoint-000002"] and metric_steps(broken) == [1, 2]
+    assert (aside / "run_summary.json").is_file() and metric_steps(aside) == [1, 2, 3, 4]
+
+    proc = run([*flags, "--output_dir", str(broken), "--resume_from_checkpoint", "latest"], offline_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"\b2/4 \[00:00<\?", proc.stderr), proc.stderr  # from checkpoint 2, not the abandoned 4
+    assert json.loads((broken / "run_summary.json").read_text())["steps"] == 4 and not aside.exists()
+    assert curves(broken) == curves(unbroken) and metric_steps(broken) == [1, 2, 3, 4]
+    final = unet_weights(broken / "unet")
+    assert same_weights(final, unet_weights(unbroken / "unet"))
+    assert same_weights(unet_weights(broken / "checkpoints" / "checkpoint-000004"), final)
+    assert not same_weights(final, abandoned)  # the new lr made another timeline: mixing them would show
+
+
+@pytest.mark.slow
+def test_rewind_killed_while_setting_the_old_timeline_aside(copy_finished_run, tiny_flags, offline_env, tmp_path):
+    """SIGKILL between two moves of a rewind (run_summary.json aside, checkpoint 4 still in place): `latest` still
+    resumes the rewound timeline at step 2, and that resume finishes setting the old one aside."""
+    out = copy_finished_run(tmp_path / "run")
+    flags = [*tiny_flags, *REWOUND_FLAGS, "--output_dir", str(out)]
+    proc = run([*flags, "--resume_from_checkpoint", str(out / "checkpoints" / "checkpoint-000002")], offline_env,
+               crash_at="rewind:2")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert checkpoint_names(out) == ["checkpoint-000002", "checkpoint-000004"]  # the abandoned 4 is still there
+    assert not (out / "run_summary.json").exists()
+    proc = run([*flags, "--resume_from_checkpoint", "latest"], offline_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"\b2/4 \[00:00<\?", proc.stderr), proc.stderr
+    assert "resuming at step 2: checkpoint-000004, samples/step_000004.png moved to" in proc.stderr
+    assert metric_steps(out) == [1, 2, 3, 4] and not (out / ".rewound").exists()
+    assert json.loads((out / "run_summary.json").read_text())["steps"] == 4
 
 
 @pytest.mark.slow

@@ -116,6 +116,17 @@ def test_resuming_a_complete_run_changes_nothing(finished, capsys):
     assert "done: 4 steps, val/loss " in capsys.readouterr().out
 
 
+def test_a_complete_run_trained_further_is_not_marked_complete_until_it_ends(finished):
+    """Extending a finished run (a longer --max_train_steps): run_summary.json is withdrawn before the first new step,
+    so a run stopped half-way never reads as complete (compare would skip it, the reports rank its old numbers)."""
+    args = ["--output_dir", str(finished), *RESUME]
+    assert train(*args, "--max_train_steps", "6", "--stop_after_steps", "5") == 0
+    assert not rundir.is_complete(finished) and rundir.run_state(finished) == "resumable"
+    assert not (finished / rundir.REWOUND).exists()  # its old summary went with the checkpoint of step 5
+    assert train(*args, "--max_train_steps", "6") == 0
+    assert rundir.is_complete(finished) and steps_of(finished) == [1, 2, 3, 4, 5, 6]
+
+
 def test_resume_with_every_checkpoint_damaged_is_an_error_not_a_restart(finished, capsys):
     for checkpoint in (finished / CHECKPOINTS_DIR).glob("checkpoint-*"):
         (checkpoint / "optimizer.bin").write_bytes(b"torn")
