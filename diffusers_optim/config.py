@@ -284,6 +284,50 @@ def experiment_differences(saved: dict[str, Any], current: dict[str, Any]) -> di
     return diffs
 
 
+@dataclass(frozen=True)
+class BatchLayout:
+    """How a launch splits a step's images: --train_batch_size (per process) x processes x accumulation steps.
+
+    The data order and the noise are functions of the global micro-batch (per-process batch x processes), its index
+    and a sample's place in it (sampling.BatchStream, sampling.micro_batch_noise), not of the process count: two
+    layouts with the same micro-batch and accumulation steps train the same experiment."""
+
+    per_process: int
+    processes: int
+    accumulation: int
+
+    @property
+    def micro_batch(self) -> int:
+        return self.per_process * self.processes
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.accumulation
+
+    def same_experiment(self, other: BatchLayout) -> bool:
+        # not the global batch alone: noise is keyed by the micro-batch, so 2 processes x 4 and 1 process x 4 x 2
+        # accumulation steps see the same images with other noise
+        return self.micro_batch == other.micro_batch and self.accumulation == other.accumulation
+
+    def __str__(self) -> str:
+        parts = [f"{self.processes} process{'es' if self.processes > 1 else ''}", str(self.per_process)]
+        if self.accumulation > 1:
+            parts.append(f"{self.accumulation} accumulation steps")
+        return f"{self.global_batch} ({' x '.join(parts)})"
+
+
+def layout_refusal(saved: BatchLayout, now: BatchLayout) -> str:
+    """What differs between the checkpoint's layout and this launch's, and the flags that continue the checkpoint's."""
+    what = f"checkpoint at global batch {saved}; this launch gives {now}"
+    if saved.micro_batch % now.processes:
+        return (f"{what}: its micro-batch of {saved.micro_batch} images does not split over {now.processes} "
+                f"processes; resume on a process count that divides {saved.micro_batch} to continue the same experiment")
+    fix = f"--train_batch_size {saved.micro_batch // now.processes}"
+    if now.accumulation != saved.accumulation:
+        fix += f" --gradient_accumulation_steps {saved.accumulation}"
+    return f"{what}: pass {fix} to continue the same experiment"
+
+
 def resolved_init_seed(cfg: TrainConfig) -> int:
     """The seed of the initial weights: --init_seed, else 0 with --fixed_init, else --seed."""
     if cfg.init_seed is not None:

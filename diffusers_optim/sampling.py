@@ -52,20 +52,28 @@ AUGMENT_STREAM = 0xA0C  # keeps augmentation seeds apart from the noise seeds' (
 
 
 class BatchStream(torch.utils.data.Sampler):
-    """Infinite batch sampler: global micro-batch slots of `batch_size` indices from a per-epoch permutation.
+    """Infinite batch sampler: this process's `batch_size` indices of each global micro-batch, from a per-epoch
+    permutation.
 
-    Each item is (index, augmentation seed). Slot k of the stream belongs to process k % num_processes, so P processes at batch B read exactly the
-    images that one process at batch P*B reads, and the stream can start at any micro-batch (resume).
+    Each item is (index, augmentation seed). Global micro-batch m is a run of P*B consecutive places of its epoch's
+    order, rank r reading the r-th B of them, so P processes at batch B read exactly the images (and augmentations)
+    that one process at batch P*B reads, in every epoch, and the stream can start at any micro-batch (resume, at the
+    same or another process count). An epoch holds whole global micro-batches: the last partial one is dropped.
     """
 
     def __init__(self, num_items: int, batch_size: int, num_processes: int, rank: int, seed: int, start: int = 0):
-        if num_items < batch_size:
+        if num_items < batch_size * num_processes:
             from diffusers_optim.errors import UserError
 
-            raise UserError(f"the training set has {num_items} images, fewer than --train_batch_size {batch_size}")
+            across = f" x {num_processes} processes" if num_processes > 1 else ""
+            raise UserError(f"the training set has {num_items} images, fewer than --train_batch_size {batch_size}"
+                            f"{across}")
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
         self.num_processes, self.rank, self.start = num_processes, rank, start
-        self.slots_per_epoch = num_items // batch_size  # drop the last partial batch of each epoch
+        # Counted in global micro-batches, not in per-process slots: with slots, an epoch of N // B slots that P
+        # does not divide ended inside a global micro-batch, and from the second epoch on P processes at batch B
+        # read other images than one process at batch P*B.
+        self.micro_batches_per_epoch = num_items // (batch_size * num_processes)
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
@@ -75,12 +83,11 @@ class BatchStream(torch.utils.data.Sampler):
         micro = self.start
         epoch, order = -1, None
         while True:
-            slot = micro * self.num_processes + self.rank
-            if slot // self.slots_per_epoch != epoch:
-                epoch = slot // self.slots_per_epoch
+            if micro // self.micro_batches_per_epoch != epoch:
+                epoch = micro // self.micro_batches_per_epoch
                 order = self.epoch_order(epoch)
-            j = slot % self.slots_per_epoch
-            first = j * self.batch_size
+            j = micro % self.micro_batches_per_epoch
+            first = (j * self.num_processes + self.rank) * self.batch_size
             indices = order[first:first + self.batch_size].tolist()
             # each item comes with the seed of its random crop/flip, keyed by its place in the epoch's order, so
             # augmentation is the same in DataLoader workers, after a resume and at any process count

@@ -28,8 +28,10 @@ from tqdm.auto import tqdm
 from diffusers_optim import checkpoint as ckpt
 from diffusers_optim import rundir
 from diffusers_optim.config import (
+    BatchLayout,
     TrainConfig,
     experiment_differences,
+    layout_refusal,
     parse_train_args,
     redact_argv,
     resolved_init_seed,
@@ -563,7 +565,9 @@ class Trainer:
                  "elapsed_s": self.elapsed_before + time.perf_counter() - getattr(self, "t_start", time.perf_counter()),
                  # the experiment this checkpoint belongs to, so a resume can refuse a different one
                  "config": self.cfg.to_dict(), "optimizer": optimizer_record(self.spec, self.hparams),
-                 "config_changes": self.config_changes}
+                 "config_changes": self.config_changes,
+                 # with train_batch_size and gradient_accumulation_steps: the global batch a resume must keep
+                 "num_processes": self.accelerator.num_processes}
         # Saved in train mode: a schedule-free optimizer's eval()/train() swap is exact in maths but not in floats,
         # so a checkpoint of the evaluation weights would not resume bit-for-bit. Samples and the final pipeline
         # use the evaluation weights (sampling_weights).
@@ -582,17 +586,35 @@ class Trainer:
             return []
         state = ckpt.read_trainer_state(self.resume_path)
         history = list(state.get("config_changes", []))
-        changes = experiment_changes(state, self.cfg, self.spec, self.hparams)
+        layouts = resumed_layouts(state, self.cfg, self.accelerator.num_processes)
+        changes = experiment_changes(state, self.cfg, self.spec, self.hparams, layouts)
         self.changed_on_resume = bool(changes)
         if not changes:
+            if layouts is not None:
+                logger.info(f"resuming at step {state.get('step')} on global batch {layouts[1]}, checkpointed on "
+                            f"{layouts[0]}: the same images, noise and timesteps; gradients are summed in another "
+                            "order, so the run matches one never moved to float rounding, not bit for bit",
+                            main_process_only=True)
             return history
-        listed = "; ".join(f"{key}: {old} -> {new}" for key, (old, new) in changes.items())
         if not self.cfg.allow_config_change:
-            raise UserError(f"{self.resume_path} belongs to a different experiment (changed: {listed}); resume with "
-                            "its flags, use a new --output_dir, or pass --allow_config_change to apply and record this")
-        logger.warning(f"--allow_config_change: resuming at step {state.get('step')} with {listed}",
+            raise self.refusal(changes, layouts)
+        logger.warning(f"--allow_config_change: resuming at step {state.get('step')} with {listed(changes)}",
                        main_process_only=True)
         return [*history, {"step": state.get("step"), "changes": {k: list(v) for k, v in changes.items()}}]
+
+    def refusal(self, changes: dict[str, tuple], layouts: tuple[BatchLayout, BatchLayout] | None) -> UserError:
+        """The one line refusing another experiment; every process refuses, the main one prints it."""
+        if layouts is not None and not layouts[0].same_experiment(layouts[1]):
+            others = {k: v for k, v in changes.items() if k not in LAYOUT_KEYS}
+            also = f" (also changed: {listed(others)})" if others else ""
+            message = (f"{self.resume_path}: {layout_refusal(*layouts)}{also}, or pass --allow_config_change to "
+                       "apply and record the change")
+        else:
+            message = (f"{self.resume_path} belongs to a different experiment (changed: {listed(changes)}); resume "
+                       "with its flags, use a new --output_dir, or pass --allow_config_change to apply and record this")
+        error = UserError(message)
+        error.quiet = not self.accelerator.is_main_process
+        return error
 
     def start(self) -> None:
         """Resume or set aside an old run (only now, every check passed), write the run config, start trackers."""
@@ -905,11 +927,35 @@ def clear_previous_run(out: Path) -> None:
         shutil.rmtree(out / name, ignore_errors=True)
 
 
-def experiment_changes(state: dict[str, Any], cfg: TrainConfig, spec, hparams: dict[str, Any]) -> dict[str, tuple]:
-    """{what: (checkpoint's, now)} for every experiment-defining setting that differs from the checkpoint's."""
+# What a change of process count may change with it; the rest of the experiment is compared as usual.
+LAYOUT_KEYS = ("train_batch_size", "gradient_accumulation_steps", "num_processes", "global_batch_size")
+
+
+def resumed_layouts(state: dict[str, Any], cfg: TrainConfig, num_processes: int) -> tuple[BatchLayout, BatchLayout] | None:
+    """(the checkpoint's batch layout, this launch's) when the process count changed; None when it did not, or for
+    a checkpoint older than the record of its process count."""
+    saved_processes, saved = state.get("num_processes"), state.get("config")
+    if saved is None or saved_processes in (None, num_processes):
+        return None
+    return (BatchLayout(saved["train_batch_size"], saved_processes, saved.get("gradient_accumulation_steps", 1)),
+            BatchLayout(cfg.train_batch_size, num_processes, cfg.gradient_accumulation_steps))
+
+
+def experiment_changes(state: dict[str, Any], cfg: TrainConfig, spec, hparams: dict[str, Any],
+                       layouts: tuple[BatchLayout, BatchLayout] | None = None) -> dict[str, tuple]:
+    """{what: (checkpoint's, now)} for every experiment-defining setting that differs from the checkpoint's.
+
+    At another process count (`layouts`) the experiment is the global micro-batch, not --train_batch_size: 2
+    processes x 4 continue as 1 process x 8. That continuation is exact in maths (the same images, noise,
+    timesteps and a gradient averaged over the same samples) but not in floats (DDP's all-reduce and kernels run
+    on other batch sizes sum in another order); it is the same experiment, as a run moved to another GPU is, so it
+    continues rather than being refused. Any other layout is another experiment."""
     if "config" not in state:  # a checkpoint older than this check
         return {}
     changes = experiment_differences(state["config"], cfg.to_dict())
+    if layouts is not None:  # the per-process batch is compared as part of the layout
+        changes.pop("train_batch_size", None)
+        changes.update(layout_changes(*layouts))
     saved = state.get("optimizer") or {}
     now = optimizer_record(spec, hparams)
     if saved.get("name") != now["name"]:
@@ -919,6 +965,22 @@ def experiment_changes(state: dict[str, Any], cfg: TrainConfig, spec, hparams: d
         if old_h.get(key) != new_h.get(key):
             changes[key] = (old_h.get(key), new_h.get(key))
     return changes
+
+
+def layout_changes(saved: BatchLayout, now: BatchLayout) -> dict[str, tuple]:
+    """{what: (checkpoint's, now)} of a new process count: none when it continues the same experiment."""
+    if saved.same_experiment(now):
+        return {}
+    changes = {"num_processes": (saved.processes, now.processes)}
+    if saved.per_process != now.per_process:
+        changes["train_batch_size"] = (saved.per_process, now.per_process)
+    if saved.global_batch != now.global_batch:
+        changes["global_batch_size"] = (saved.global_batch, now.global_batch)
+    return changes
+
+
+def listed(changes: dict[str, tuple]) -> str:
+    return "; ".join(f"{key}: {old} -> {new}" for key, (old, new) in changes.items())
 
 
 def optimizer_record(spec, hparams: dict[str, Any]) -> dict[str, Any]:

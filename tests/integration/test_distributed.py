@@ -300,7 +300,10 @@ def test_ctrl_c_on_one_machine_of_two_stops_both_after_one_step_and_resumes_exac
 
 def assert_same_run_to_rounding(out: Path, straight: Path) -> None:
     """The same losses and weights as the unbroken run, up to the float rounding of another summation order."""
-    assert losses(out) == pytest.approx(losses(straight), rel=1e-5) and len(losses(out)) == len(losses(straight))
+    def values(run: Path) -> list:  # the steps and every loss logged (approx compares no None)
+        return [v for row in losses(run) for v in row if v is not None]
+
+    assert values(out) == pytest.approx(values(straight), rel=1e-5) and len(values(out)) == len(values(straight))
     a = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     b = load_file(straight / "unet" / "diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys()

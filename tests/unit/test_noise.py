@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from diffusers_optim.sampling import micro_batch_noise, sample_seed
+from diffusers_optim.sampling import BatchStream, micro_batch_noise, sample_seed
 
 SHAPE = (3, 8, 8)
 
@@ -18,6 +18,22 @@ def test_ranks_see_the_slices_one_process_sees_at_the_global_batch():
     for rank in range(4):  # 4 processes at batch 2 = 1 process at batch 8
         n_r, t_r = draw(rank * 2, 2)
         assert torch.equal(n_r, noise[rank * 2:rank * 2 + 2]) and torch.equal(t_r, t[rank * 2:rank * 2 + 2])
+
+
+def global_micro_batches(processes: int, batch: int, num: int, start: int = 0, num_items: int = 45) -> list[list]:
+    """The items of `num` global micro-batches: every rank's share, in rank order."""
+    streams = [iter(BatchStream(num_items, batch, processes, rank, seed=3, start=start)) for rank in range(processes)]
+    return [[item for stream in streams for item in next(stream)] for _ in range(num)]
+
+
+def test_data_order_is_the_same_at_any_process_count_in_every_epoch_and_after_a_resume():
+    """45 items at batch 4 are 11 per-process batches an epoch, which 2 processes do not split: the epoch must end
+    on a whole global micro-batch, or from the second epoch on 2 processes x 4 read other images (and augmentation
+    seeds) than 1 process x 8 (they did, from micro-batch 5)."""
+    one = global_micro_batches(1, 8, 20)  # 5 micro-batches an epoch: 4 epochs
+    assert global_micro_batches(2, 4, 20) == global_micro_batches(4, 2, 20) == one
+    assert global_micro_batches(2, 4, 9, start=11) == one[11:]  # resumed mid-epoch at another process count
+    assert len({i for i, _ in one[5]}) == 8 and {i for i, _ in one[0]} != {i for i, _ in one[5]}
 
 
 def test_every_coordinate_of_the_key_changes_the_draw():
