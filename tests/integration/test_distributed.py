@@ -1,5 +1,6 @@
 """Two real processes (`accelerate launch --multi_gpu --num_processes 2` on gloo): start-up without races,
-stops by signal that every process agrees on (issue 16), and resumes at another process count."""
+stops by signal that every process agrees on (issue 16), through each launcher README names (none, accelerate's
+one-process launcher, torch elastic on one machine and on two), and resumes at another process count."""
 
 from __future__ import annotations
 
