@@ -67,20 +67,35 @@ REPEAT_WINDOW_S = 2.0
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def under_forwarding_launcher() -> bool:
-    """True when a launcher may repeat a signal this process got directly: torch elastic (TORCHELASTIC_RUN_ID) or
-    `accelerate launch` as this process's parent (its single-process path runs the script as a plain child and sets
-    no variable of its own that a user could not also set)."""
+# accelerate's single-process launcher SIGKILLs what is left of its worker's tree this long after its SIGTERM
+SIMPLE_LAUNCHER_GRACE_S = 5.0
+
+
+def launcher() -> str | None:
+    """Who started this process, as far as stopping goes: "torch elastic" (TORCHELASTIC_RUN_ID: several processes
+    or machines), "accelerate" (`accelerate launch` of one process, which runs the script as its plain child and
+    sets no variable of its own that a user could not also set), or None."""
     if os.environ.get("TORCHELASTIC_RUN_ID"):
-        return True
+        return "torch elastic"
     import psutil  # accelerate's own dependency (its launcher uses it)
 
     try:
         argv = psutil.Process(os.getppid()).cmdline()
     except (psutil.Error, OSError):
-        return False
+        return None
     names = [os.path.basename(arg) for arg in argv[:3]]  # `accelerate launch` or `python -m accelerate... launch`
-    return "launch" in argv and any(name.startswith("accelerate") for name in names)
+    return "accelerate" if "launch" in argv and any(name.startswith("accelerate") for name in names) else None
+
+
+def slow_save_warning(save_s: float, started_by: str | None) -> str | None:
+    """A warning when a Ctrl-C stop (the step in progress, then a checkpoint) may outlast accelerate's one-process
+    launcher, which kills its worker SIMPLE_LAUNCHER_GRACE_S after Ctrl-C (nothing sets that); the step gets the
+    rest of the grace."""
+    if started_by != "accelerate" or save_s < 0.6 * SIMPLE_LAUNCHER_GRACE_S:
+        return None
+    return (f"saving a checkpoint took {save_s:.1f} s: `accelerate launch` with one process kills its worker "
+            f"{SIMPLE_LAUNCHER_GRACE_S:.0f} s after Ctrl-C, so a stop may lose the steps since the last checkpoint; "
+            "start one-process runs with `python SCRIPT FLAGS` (the same run) to keep Ctrl-C's checkpoint")
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -122,7 +137,7 @@ class StopRequest:
         self.first_at = self.left_at = 0.0
         self.stopped_by_signal = False
         self.group = stop_group(accelerator)
-        self.repeat_window = REPEAT_WINDOW_S if under_forwarding_launcher() else 0.0
+        self.repeat_window = REPEAT_WINDOW_S if launcher() else 0.0
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         if not self.signum:

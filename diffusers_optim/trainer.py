@@ -38,7 +38,14 @@ from diffusers_optim.config import (
 )
 from diffusers_optim.data import build_datasets, num_failed_loads, num_loader_workers
 from diffusers_optim.diffusion import min_snr_weights, per_sample_mse, training_target
-from diffusers_optim.distributed import Stop, StopRequest, decided_on_main, ignore_stop_signals
+from diffusers_optim.distributed import (
+    Stop,
+    StopRequest,
+    decided_on_main,
+    ignore_stop_signals,
+    launcher,
+    slow_save_warning,
+)
 from diffusers_optim.errors import UserError
 from diffusers_optim.metrics.keys import raw_key
 from diffusers_optim.metrics.probes import GradProbe, build_probe_batch, first_moment_buffers
@@ -164,6 +171,7 @@ class Trainer:
         self.update_ratio: float | None = None  # of the last log step
         self.saved_step = -1
         self.stop_request = StopRequest(self.accelerator)  # all processes build it: it may create a group
+        self.warned_slow_save = False  # once per run: see distributed.slow_save_warning
         self.failed_loads = 0  # images that failed to load during training, all ranks, as of the last log step
         self._reset_interval()
 
@@ -572,9 +580,14 @@ class Trainer:
         # so a checkpoint of the evaluation weights would not resume bit-for-bit. Samples and the final pipeline
         # use the evaluation weights (sampling_weights).
         where = self.out / ckpt.CHECKPOINTS_DIR / ckpt.checkpoint_name(self.step)
+        started = time.perf_counter()
         with self.status.phase("checkpoint writing", str(where), self.step):
             ckpt.save_checkpoint(self.accelerator, self.out, self.step, state, self.cfg.checkpoints_total_limit,
                                  model_config=dict(self.accelerator.unwrap_model(self.model).config))
+        warning = None if self.warned_slow_save else slow_save_warning(time.perf_counter() - started, launcher())
+        if warning:
+            logger.warning(warning, main_process_only=True)
+            self.warned_slow_save = True
         self.saved_step = self.step
         if self.accelerator.is_main_process:
             rundir.drop_replaced(self.out)  # the new run (or rewound timeline) now has something to resume from

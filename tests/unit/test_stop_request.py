@@ -84,3 +84,15 @@ def test_a_second_signal_exits_at_once_with_status_130(tmp_path):
     assert proc.returncode == 130, proc.stderr
     assert proc.stdout == "first: SIGINT\n"
     assert proc.stderr.strip() == "SIGTERM again: exiting now, without a checkpoint"
+
+
+def test_a_slow_checkpoint_under_accelerates_one_process_launcher_is_warned_about():
+    """accelerate launch (one process) SIGKILLs its worker 5 s after Ctrl-C: a save that eats most of that is said."""
+    from diffusers_optim.distributed import launcher, slow_save_warning
+
+    assert slow_save_warning(4.0, "accelerate").startswith("saving a checkpoint took 4.0 s")
+    assert "python SCRIPT FLAGS" in slow_save_warning(4.0, "accelerate")
+    assert slow_save_warning(1.0, "accelerate") is None
+    assert slow_save_warning(60.0, "torch elastic") is None  # its shutdown timeout is TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+    assert slow_save_warning(60.0, None) is None
+    assert launcher() is None  # pytest is no launcher
