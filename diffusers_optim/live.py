@@ -276,7 +276,9 @@ def final_lines(summary: dict[str, Any], report_path: Path) -> str:
         note = "" if row.get("status") == "complete" else f"  {str(row.get('status', '')).upper()}"
         if row.get("tied"):
             note += "  (tied with the best: difference not resolved)"
-        lines.append(f"  {row.get('rank', '-'):>2}  {str(row.get('arm')):<{width}}  {cell}"
+        if row.get("unranked"):
+            note += f"  (not ranked: {row['unranked']})"
+        lines.append(f"  {row.get('rank') or '-':>2}  {str(row.get('arm')):<{width}}  {cell}"
                      f"  ({row.get('runs_complete', 0)}/{row.get('runs_total', 0)} runs){note}")
     lines.append(f"report: {report_path}")
     return "\n".join(lines)

@@ -16,7 +16,7 @@ from typing import Any
 from diffusers_optim.arms import default_settings, settings_from_args
 
 # the run folder's owner reads JSON and metrics.jsonl for everyone (torn last lines skipped and reported)
-from diffusers_optim.rundir import read_json, read_metrics  # noqa: F401
+from diffusers_optim.rundir import METRICS, SUMMARY, read_json, read_metrics  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ class Run:
     status: str  # complete | incomplete | failed | missing
     error: str | None = None
     records: list[dict[str, Any]] = field(default_factory=list)
-    summary: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)  # run_summary.json: a complete run's final values
+    curves_missing: str | None = None  # why a complete run's metrics.jsonl gives no (or cut) curves, if it does not
     config: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)  # the full training config: what makes its arm
     arm: str = ""  # the arm's label, set once all runs of the comparison are known (summary.label_arms)
@@ -45,7 +46,7 @@ def load_run(path: Path, planned: dict[str, Any] | None = None, error: str | Non
     """Read one run folder; `planned` (from plan.json) names runs that never produced a folder."""
     planned = planned or {}
     config = read_json(path / "config.json")
-    summary = read_json(path / "run_summary.json")
+    summary = read_json(path / SUMMARY)
     train_cfg = config.get("config", {})
     if train_cfg:
         settings = {
@@ -72,6 +73,7 @@ def load_run(path: Path, planned: dict[str, Any] | None = None, error: str | Non
         status = "incomplete"
     else:
         status = "missing"
+    records = read_metrics(path / METRICS)
     return Run(
         name=planned.get("name", path.name),
         path=path,
@@ -80,11 +82,24 @@ def load_run(path: Path, planned: dict[str, Any] | None = None, error: str | Non
         seed=planned.get("seed", train_cfg.get("seed")),
         status=status,
         error=error,
-        records=read_metrics(path / "metrics.jsonl"),
+        records=records,
         summary=summary,
+        curves_missing=missing_curves(path, records, summary) if status == "complete" else None,
         config=config,
         settings=settings,
     )
+
+
+def missing_curves(path: Path, records: list[dict[str, Any]], summary: dict[str, Any]) -> str | None:
+    """Why a complete run's curves are lost or cut short (its metrics.jsonl deleted or damaged), None if whole."""
+    if not (path / METRICS).is_file():
+        return f"{METRICS} is missing"
+    if not records:
+        return f"{METRICS} has no readable record"
+    last, steps = records[-1].get("step"), summary.get("steps")
+    if is_number(last) and is_number(steps) and last < steps:  # a complete run logs its last step
+        return f"{METRICS} ends at step {last} of {steps}"
+    return None
 
 
 def load_comparison(root: Path, stage: str = "final") -> list[Run]:
@@ -156,6 +171,21 @@ def last_value(records: list[dict[str, Any]], key: str) -> float | None:
         if key in rec:
             return float(rec[key]) if is_number(rec[key]) else math.nan
     return None
+
+
+def final_record(run: Run) -> dict[str, Any]:
+    """A complete run's final values as run_summary.json holds them ({} for any other run)."""
+    final = run.summary.get("final") if run.status == "complete" else None
+    return final if isinstance(final, dict) else {}
+
+
+def final_value(run: Run, key: str) -> float | None:
+    """A metric's final value: run_summary.json's for a complete run (the owner's record of its end, which stands
+    when metrics.jsonl is lost), else the last value in metrics.jsonl; NaN if non-finite, None if never logged."""
+    final = final_record(run)
+    if key in final:
+        return float(final[key]) if is_number(final[key]) else math.nan
+    return last_value(run.records, key)
 
 
 def bucket_keys(records: list[dict[str, Any]], prefix: str) -> list[str]:

@@ -137,7 +137,8 @@ def unresolved_sentence(summary: dict[str, Any], arms: list[dict[str, Any]]) -> 
 
 def recommendation(summary: dict[str, Any]) -> list[str]:
     """The recommendation as sentences, best arm first; [] when no arm finished."""
-    arms = [r for r in (summary.get("arms") or summary.get("optimizers") or []) if r.get("runs_complete")]
+    arms = [r for r in (summary.get("arms") or summary.get("optimizers") or [])
+            if r.get("runs_complete") and not r.get("unranked")]  # an arm left out of the ranking is never picked
     if not arms:
         return []
     buckets = bucket_sentence(summary, name(arms[0])) or bucket_means_sentence(arms)

@@ -163,7 +163,9 @@ def memory_column(rows: list[dict[str, Any]]) -> tuple[str, str]:
 
 
 def verdict(row: dict[str, Any]) -> str:
-    """best | tied (not resolved from the best) | resolved (the interval of the difference excludes 0)."""
+    """best | tied (not resolved from the best) | resolved (the interval of the difference excludes 0) | not ranked."""
+    if row.get("unranked"):
+        return f"not ranked: {row['unranked']}"
     if row.get("best"):
         return "best"
     if row.get("diff_vs_best") is None:
@@ -194,12 +196,13 @@ def ranking_table(summary: dict[str, Any]) -> Table:
         target = (
             (fmt(r["target_step"]), fmt(r["target_seconds"]))
             if r["target_step"] is not None
-            else (f"not reached ({r['target_reached']})", "-")
+            else (f"not reached ({r['target_reached']})" if not r.get("target_unknown") else
+                  f"{r['target_reached']} reached, {r['target_unknown']} unknown (no curves)", "-")
         )
         gap = diff_text(r["diff_vs_best"]) if r.get("diff_vs_best") else "-"
         body.append(
             [
-                str(r["rank"]),
+                "-" if r["rank"] is None else str(r["rank"]),
                 r["arm"],
                 fmt(r["learning_rate"]),
                 f"{r['runs_complete']}/{r['runs_total']}",
@@ -227,7 +230,8 @@ def runs_table(rows: list[dict[str, Any]]) -> Table:
             fmt(r["steps"]),
             with_se(r, "val/loss"),
             fmt(r.get("train/loss")),
-            fmt(r["target_step"]) if r["target_step"] is not None else "not reached",
+            fmt(r["target_step"]) if r["target_step"] is not None else
+            "no curves" if r.get("curves_missing") else "not reached",
             (r["error"] or "").splitlines()[-1][:200] if r["error"] else "",
         ]
         for r in rows
@@ -242,15 +246,29 @@ def bucket_table(summary: dict[str, Any]) -> Table:
     return Table(["arm", *keys], [[r["arm"], *[pm(r, k) for k in keys]] for r in rows])
 
 
+def data_gaps(summary: dict[str, Any]) -> list[str]:
+    """What the numbers lack and why: runs whose curves are lost, arms and runs left out of the ranking."""
+    metric = summary["rank_by"]
+    lines = [f"{r['run']}: curves missing ({r['curves_missing']}); its final values come from run_summary.json, its "
+             "time to target, throughput, memory and spikes are unknown." for r in summary["runs"]
+             if r.get("curves_missing")]
+    lines += [f"{r['arm']} is not ranked on {metric}: {r['unranked']}." for r in summary["arms"] if r.get("unranked")]
+    ranked = {r["arm"] for r in summary["arms"] if r.get("rank") is not None}
+    lines += [f"{r['run']} is left out of the {metric} ranking: {r['unranked']}." for r in summary["runs"]
+              if r.get("unranked") and r["status"] == "complete" and r["arm"] in ranked]
+    return lines
+
+
 def findings(summary: dict[str, Any]) -> list[str]:
     """Plain sentences: what the seeds resolved between each arm and the best, and what they did not."""
     metric, arms = summary["rank_by"], summary["arms"]
-    best = arms[0]["arm"]
+    best = next((r["arm"] for r in arms if r.get("best")), "none (no arm has a value)")
     direction = "higher" if summary.get("higher_is_better") else "lower"
     seeds = max((r.get(metric + "_n") or 0 for r in arms), default=0)
     lines = [
         f"Ranked by {metric} ({direction} is better), mean over up to {seeds} seed(s) with 95% t-intervals; "
-        f"differences between arms are paired by seed. Best: {best}."
+        f"differences between arms are paired by seed. Best: {best}.",
+        *data_gaps(summary),
     ]
     floor = floor_of(summary, metric)
     if floor is not None:

@@ -86,7 +86,8 @@ def paired_difference(a: dict[int, float], b: dict[int, float], names=("a", "b")
 
 
 def rank_arms(per_seed: dict[str, dict[int, float]], metric: str) -> list[dict]:
-    """Arms in order of their mean (best first; arms without a value last), each marked tied or not with the best.
+    """Arms in order of their mean (best first), each marked tied or not with the best; arms without a value come
+    after them with rank None: they are left out of the ranking, never ranked last as if they had lost.
 
     An arm is tied with the best when the paired difference's interval contains zero, or when fewer than two
     seeds pair up (nothing is resolved from one seed).
@@ -94,11 +95,12 @@ def rank_arms(per_seed: dict[str, dict[int, float]], metric: str) -> list[dict]:
     sign = -1.0 if higher_is_better(metric) else 1.0
     means = {arm: estimate(list(v.values())).mean for arm, v in per_seed.items()}
     order = sorted(per_seed, key=lambda arm: (means[arm] is None, sign * (means[arm] or 0.0)))
-    best = order[0]
+    best = order[0] if order and means[order[0]] is not None else None
     ranked = []
     for position, arm in enumerate(order, start=1):
-        row: dict = dict(arm=arm, rank=position, best=arm == best, tied=False, diff_vs_best=None)
-        if arm != best and means[arm] is not None:
+        rank = position if means[arm] is not None else None
+        row: dict = dict(arm=arm, rank=rank, best=arm == best, tied=False, diff_vs_best=None)
+        if arm != best and rank is not None:
             diff = paired_difference(per_seed[arm], per_seed[best], (arm, best), metric)
             row.update(tied=not diff.resolved, diff_vs_best=diff.as_dict())
         ranked.append(row)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import statistics
 from pathlib import Path
@@ -13,8 +14,12 @@ from diffusers_optim.arms import arm_identity, arm_labels, arm_settings, varying
 from diffusers_optim.errors import UserError
 from diffusers_optim.metrics.keys import primary_metric
 from diffusers_optim.report.reading import (
+    METRICS,
+    SUMMARY,
     Run,
     bucket_keys,
+    final_record,
+    final_value,
     is_number,
     last_value,
     load_comparison,
@@ -22,6 +27,8 @@ from diffusers_optim.report.reading import (
     series,
 )
 from diffusers_optim.report.stats import CONFIDENCE, estimate, higher_is_better, paired_difference, rank_arms
+
+logger = logging.getLogger(__name__)
 
 SPIKE_FACTOR = 3.0  # a loss spike: train/loss above this multiple of the running median so far
 SPIKE_MIN_HISTORY = 3  # the running median needs a few points before it means anything
@@ -93,12 +100,14 @@ def run_row(run: Run, target: float | None) -> dict[str, Any]:
     )
     row["steps"] = run.summary.get("steps", recs[-1]["step"] if recs else None)
     row["wall_time_s"] = run.summary.get("wall_time_s", recs[-1].get("elapsed_s") if recs else None)
-    for key in ["train/loss", "val/loss", *bucket_keys(recs, "loss_t"), *bucket_keys(recs, "val_t")]:
-        row[key] = last_value(recs, key)
+    known = [*recs, final_record(run)]  # keys logged, or kept in run_summary.json when metrics.jsonl is lost
+    for key in ["train/loss", "val/loss", *bucket_keys(known, "loss_t"), *bucket_keys(known, "val_t")]:
+        row[key] = final_value(run, key)
     # every validation and quality key (their standard errors, raw-weights twins and floors too)
-    measured = {k for rec in recs for k in rec if k.split("/")[0].startswith(("val", "eval"))}
+    measured = {k for rec in known for k in rec if k.split("/")[0].startswith(("val", "eval"))}
     for key in sorted(measured - set(row)):
-        row[key] = last_value(recs, key)
+        row[key] = final_value(run, key)
+    row["curves_missing"] = run.curves_missing  # then what is computed from the curves below is unknown (None)
     hit = time_to_target(recs, target) if target is not None else None
     row["target_step"], row["target_seconds"] = hit if hit else (None, None)
     row["perf/images_per_sec"] = mean_of(recs, "perf/images_per_sec")
@@ -113,7 +122,7 @@ def run_row(run: Run, target: float | None) -> dict[str, Any]:
 
 
 ID_COLUMNS = ("kind", "arm", "optimizer", "run", "seed", "learning_rate", "status", "error")
-NOT_AVERAGED = (*ID_COLUMNS, "target_step", "target_seconds")
+NOT_AVERAGED = (*ID_COLUMNS, "target_step", "target_seconds", "curves_missing", "unranked")
 
 
 def label_arms(runs: list[Run]) -> dict[str, list[Run]]:
@@ -149,6 +158,8 @@ def arm_row(arm: str, runs: list[Run], rows: list[dict[str, Any]], varying: list
             out[key + "_ci_low"], out[key + "_ci_high"] = est.low, est.high
     reached = [r for r in done if r["target_step"] is not None]
     out["target_reached"] = f"{len(reached)}/{len(rows)}"
+    # a run without curves: whether it got there is not known
+    out["target_unknown"] = sum(1 for r in done if r.get("curves_missing"))
     for key in ("target_step", "target_seconds"):
         # a mean over the seeds that got there would flatter an arm that mostly did not
         vals = [r[key] for r in reached]
@@ -177,8 +188,18 @@ def per_seed(rows: list[dict[str, Any]], key: str) -> dict[int, float]:
     }
 
 
+def unranked_reason(row: dict[str, Any], metric: str) -> str | None:
+    """Why a run gives no value of `metric` to rank by (it is left out of that ranking), None when it gives one."""
+    if row["status"] != "complete":
+        return f"run {row['status']}"
+    if row.get(metric) is None:
+        return f"no final {metric} in {SUMMARY} or {METRICS}"
+    return None if is_number(row[metric]) else f"final {metric} not finite"
+
+
 def rank(arm_rows: list[dict[str, Any]], rows_by_arm: dict[str, list[dict]], metric: str) -> list[dict]:
-    """Arm rows in rank order, each with `tied` (not resolved from the best) and its paired difference."""
+    """Arm rows in rank order, each with `tied` (not resolved from the best) and its paired difference; an arm
+    with no value of the metric has rank None and `unranked`, the reason its runs give."""
     order = rank_arms({arm: per_seed(rows, metric) for arm, rows in rows_by_arm.items()}, metric)
     by_arm = {row["arm"]: row for row in arm_rows}
     ranked = []
@@ -187,8 +208,19 @@ def rank(arm_rows: list[dict[str, Any]], rows_by_arm: dict[str, list[dict]], met
         row.update(
             rank=entry["rank"], best=entry["best"], tied=entry["tied"], diff_vs_best=entry["diff_vs_best"]
         )
+        reasons = dict.fromkeys(r["unranked"] for r in rows_by_arm[entry["arm"]] if r["unranked"])
+        row["unranked"] = "; ".join(reasons) if entry["rank"] is None else None
         ranked.append(row)
     return ranked
+
+
+def warn_missing_curves(runs: list[Run]) -> None:
+    """One line per complete run whose metrics.jsonl is lost or damaged: what the report lacks for it."""
+    for run in runs:
+        if run.curves_missing:
+            logger.warning("run %s: %s: its curves are missing from the report (and time to target, mean "
+                           "throughput, peak memory and loss spikes with them); its final values come from %s",
+                           run.name, run.curves_missing, SUMMARY)
 
 
 def comparisons(rows_by_arm: dict[str, list[dict]], best: str, keys: list[str]) -> list[dict[str, Any]]:
@@ -212,14 +244,18 @@ def build_summary(root: Path, target: float | None = None, rank_by: str | None =
     rule = "given" if target is not None else f"worst arm's best val/loss x {TARGET_SLACK}"
     target = target if target is not None else default_target(runs)
     rows = [run_row(r, target) for r in runs]
+    warn_missing_curves(runs)
     rows_by_arm = {arm: [row for row in rows if row["arm"] == arm] for arm in arms}
     metric = choose_rank_by(rows, rank_by or plan.get("rank_by"))
+    for row in rows:
+        row["unranked"] = unranked_reason(row, metric)
     varying = varying_keys([arm_settings(g[0].settings) for g in arms.values()])
     arm_rows = [arm_row(arm, group, rows_by_arm[arm], varying) for arm, group in arms.items()]
     ranked = rank(arm_rows, rows_by_arm, metric)
     tuning_runs = load_comparison(root, "tune")
     label_arms(tuning_runs)
     keys = [metric, *dict.fromkeys(k for r in rows for k in r if k == "val/loss" or k.startswith("val_t/"))]
+    best = next((row["arm"] for row in ranked if row["best"]), None)
     return dict(
         rank_by=metric,
         higher_is_better=higher_is_better(metric),
@@ -228,7 +264,7 @@ def build_summary(root: Path, target: float | None = None, rank_by: str | None =
         target_rule=rule,
         runs=rows,
         arms=ranked,
-        comparisons=comparisons(rows_by_arm, ranked[0]["arm"], list(dict.fromkeys(keys))),
+        comparisons=comparisons(rows_by_arm, best, list(dict.fromkeys(keys))) if best else [],
         tuning=[run_row(r, target) for r in tuning_runs],
         command=plan.get("command"),
         chosen_lr=plan.get("chosen_lr", {}),

@@ -169,3 +169,48 @@ def test_grid_values_reach_the_trainer_and_name_the_arms(tmp_path, monkeypatch):
         assert config["max_grad_norm"] == arm["settings"]["max_grad_norm"]
         # the value changed training: clipping off never clips, a 0.01 bound clips every step
         assert run["clipped_fraction_mean"] == (0.0 if config["max_grad_norm"] == 0 else 1.0)
+
+
+def test_summarize_without_the_best_runs_metrics_ranks_it_from_its_run_summary(tmp_path, monkeypatch):
+    """The best run's metrics.jsonl is deleted after a real comparison: `diffusers-optim summarize` still ranks it by
+    the final values its run_summary.json holds, warns once naming the run and what is lost (its curves), and the
+    report says so. A run whose values are truly gone is left out of the ranking with its reason, never ranked last."""
+    from test_readme_commands import in_process
+
+    from diffusers_optim import compare
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    out = tmp_path / "cmp"
+    compare.run_comparison(compare.parse_comparison([*OPTIMIZERS, "--output_dir", str(out), *TRAIN_FLAGS]),
+                           launcher=in_process)
+    before = json.loads((out / "summary.json").read_text())
+    metric, best = before["rank_by"], before["arms"][0]["arm"]
+    (best_run,) = [r["run"] for r in before["runs"] if r["arm"] == best]
+    (out / "runs" / best_run / "metrics.jsonl").unlink()
+
+    def summarize() -> tuple[dict, str]:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.run([sys.executable, "-m", "diffusers_optim.cli", "summarize", str(out)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads((out / "summary.json").read_text()), proc.stderr
+
+    after, stderr = summarize()
+    warnings = [line for line in stderr.splitlines() if best_run in line and "metrics.jsonl is missing" in line]
+    assert len(warnings) == 1 and "curves are missing" in warnings[0], stderr
+    assert [(a["arm"], a["rank"], a[metric]) for a in after["arms"]] == \
+        [(a["arm"], a["rank"], a[metric]) for a in before["arms"]]
+    row = next(r for r in after["runs"] if r["run"] == best_run)
+    final = json.loads((out / "runs" / best_run / "run_summary.json").read_text())["final"]
+    assert row["val/loss"] == final["val/loss"] and row["curves_missing"] == "metrics.jsonl is missing"
+    assert row["target_step"] is None and row["unranked"] is None
+    md = (out / "report.md").read_text()
+    assert f"{best_run}: curves missing (metrics.jsonl is missing)" in md
+
+    # the other run loses its run_summary.json too: nothing says it finished, so it is not ranked at all
+    (other,) = [r["run"] for r in before["runs"] if r["arm"] != best]
+    (out / "runs" / other / "run_summary.json").unlink()
+    after, _ = summarize()
+    assert [(a["arm"], a["rank"], a["unranked"]) for a in after["arms"]] == \
+        [(best, 1, None), (before["arms"][1]["arm"], None, "run incomplete")]
+    assert f"is not ranked on {metric}: run incomplete." in (out / "report.md").read_text()

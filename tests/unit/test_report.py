@@ -177,7 +177,7 @@ def test_planned_failed_and_missing_runs_are_shown(comparison: Path):
     paths = report.summarize(comparison)
     summary = json.loads(paths["summary_json"].read_text())
     lion = by(summary["arms"], arm="lion")
-    assert lion["status"] == "failed" and lion["rank"] == 2
+    assert lion["status"] == "failed" and lion["rank"] is None and lion["unranked"] == "run failed"  # not "last"
     html_text = paths["report_html"].read_text()
     assert "FAILED" in html_text and "RuntimeError: boom" in html_text and plan["command"] in html_text
     assert "lion lr=3e-5 seed=0 [failed]" in html_text  # its grid slot is shown, empty
