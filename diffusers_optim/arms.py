@@ -2,22 +2,28 @@
 
 Runs are seeds of the same arm only when every setting that defines the training is equal; everything else
 (where the run is written, how it is tracked) is listed in NOT_ARM_KEYS. Arms are never merged, and an arm's
-label names exactly the settings that distinguish it from the other arms of the same comparison.
+name (arm_names) says the optimizer and exactly the settings that distinguish it from the other arms of the same
+comparison; plan.json, the run folders (arm_slugs), the report, the summary, the live view and W&B all use it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any
 
-from diffusers_optim.config import RECORD_FIELDS, TrainConfig, coerce_value, field_types
+from diffusers_optim.config import OPTIMIZER_FIELDS, RECORD_FIELDS, TrainConfig, coerce_value, field_types
+from diffusers_optim.errors import UserError
 
 # Runs differing only in these are seeds of one arm: the seed, where and how a run is recorded (config.RECORD_FIELDS),
 # and how fast, not what: the same maths to float rounding, and one mode for every arm (--grid refuses them).
 NOT_ARM_KEYS = frozenset({"seed", *RECORD_FIELDS, "torch_compile", "compile_mode", "channels_last", "allow_tf32",
                           "sample_batch_size"})
-SHORT_NAMES = {"learning_rate": "lr"}
+# How a name writes a setting: the generic Adam flags by the names Adam gives them (`adam beta1=0.5`)
+SHORT_NAMES = {"learning_rate": "lr", "adam_beta1": "beta1", "adam_beta2": "beta2", "adam_epsilon": "eps",
+               "adam_weight_decay": "weight_decay"}
+HPARAM = "optimizer_args."  # in naming_settings: one hyperparameter of --optimizer_args (`optimizer_args.betas`)
 
 
 def default_settings() -> dict[str, Any]:
@@ -73,30 +79,97 @@ def follows_optimizer(key: str, settings: list[dict[str, Any]]) -> bool:
     return True
 
 
-def fmt_setting(value: Any) -> str:
+def fmt_setting(value: Any, exact: bool = False) -> str:
+    """A setting's value in a name: 6 significant digits (all of them when `exact`), tuples as written in a spec."""
     if value is None:
         return "default"
+    if isinstance(value, (list, tuple)):
+        return "(" + ",".join(fmt_setting(v, exact) for v in value) + ")"
     if isinstance(value, float):
-        return f"{value:g}"
+        return repr(value) if exact else f"{value:g}"
     return str(value)
 
 
-def arm_labels(settings: list[dict[str, Any]]) -> list[str]:
-    """One label per arm naming what distinguishes it: `adamw lr_warmup_steps=100`, `adam_beta1=0.5`.
+def naming_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """An arm's settings as its name reads them: --optimizer_args split into its hyperparameters (`betas`, `eps`), so
+    a name shows the one hyperparameter that differs, not the whole resolved string."""
+    from diffusers_optim.optim import parse_optimizer_args  # here: the optim package imports torch
 
-    The optimizer is named when optimizers differ; a setting each optimizer fixes on its own (its lr, its
-    momentum) is left to the table's columns, so `adamw` vs `sgd` stays two words.
+    named: dict[str, Any] = {}
+    for key, value in settings.items():
+        if key != "optimizer_args" or not value:
+            named[key] = value
+            continue
+        try:
+            named.update({HPARAM + k: v for k, v in parse_optimizer_args(value).items()})
+        except UserError:  # edited by hand into something unreadable: named as the whole string
+            named[key] = value
+    return named
+
+
+def setting_text(key: str, value: Any, exact: bool = False) -> str:
+    name = key.removeprefix(HPARAM)
+    return f"{SHORT_NAMES.get(name, name)}={fmt_setting(value, exact)}"
+
+
+def name_of(settings: dict[str, Any], keys: list[str], exact: bool = False) -> str:
+    """The optimizer, then each key's setting; a hyperparameter the arm's optimizer does not take is left out."""
+    keys = [k for k in keys if k in settings or not k.startswith(HPARAM)]
+    return " ".join([str(settings.get("optimizer")), *(setting_text(k, settings.get(k), exact) for k in keys)])
+
+
+def arm_names(settings: list[dict[str, Any]]) -> list[str]:
+    """One short name per arm: the optimizer, then only the settings that differ between the comparison's arms
+    (`adam betas=(0.5,0.999)` vs `adam betas=(0.9,0.999)`, `adamw lr_warmup_steps=100`, `adam beta1=0.5`).
+
+    An optimizer setting each optimizer fixes on its own (its lr, its eps) is left out when optimizers differ, so
+    `adamw` vs `sgd` stays two words. Arms are never merged: names that collide get what tells those arms apart.
     """
-    keys = varying_keys(settings)
+    named = [naming_settings(s) for s in settings]
+    keys = varying_keys(named)
     by_optimizer = "optimizer" in keys
-    shown = [k for k in keys if k != "optimizer" and not (by_optimizer and follows_optimizer(k, settings))]
-    labels = []
-    for s in settings:
-        parts = [str(s.get("optimizer"))] if by_optimizer or not shown else []
-        parts += [f"{SHORT_NAMES.get(k, k)}={fmt_setting(s.get(k))}" for k in shown]
-        labels.append(" ".join(parts))
-    if len(set(labels)) < len(labels):  # only if two arms differ in a way the rule above hides
-        labels = [
-            " ".join(f"{SHORT_NAMES.get(k, k)}={fmt_setting(s.get(k))}" for k in keys) for s in settings
-        ]
-    return labels
+    shown = [k for k in keys if k != "optimizer" and not (by_optimizer and own_setting(k, named))]
+    names = [name_of(s, shown) for s in named]
+    return distinguish(names, named, shown)
+
+
+def own_setting(key: str, named: list[dict[str, Any]]) -> bool:
+    """An optimizer setting (its lr, a hyperparameter) each optimizer of the comparison sets once, its own way;
+    a training flag (warmup, clipping) that differs is always named."""
+    return (key in OPTIMIZER_FIELDS or key.startswith(HPARAM)) and follows_optimizer(key, named)
+
+
+def distinguish(names: list[str], named: list[dict[str, Any]], shown: list[str]) -> list[str]:
+    """Names shared by several arms get the settings that differ among those arms, then exact values, then a
+    number: the short rule above can hide a difference (an optimizer's own lr that two arms of it do not share)."""
+    names = list(names)
+    for exact in (False, True):
+        for name in {n for n in names if names.count(n) > 1}:
+            group = [i for i, n in enumerate(names) if n == name]
+            extra = [k for k in varying_keys([named[i] for i in group]) if k not in shown and k != "optimizer"]
+            keys = [k for k in varying_keys(named) if k in shown or k in extra]
+            for i in group:
+                names[i] = name_of(named[i], keys, exact)
+    for name in {n for n in names if names.count(n) > 1}:  # settings that read alike (lr=1e-3 vs lr=0.001)
+        for number, i in enumerate((i for i, n in enumerate(names) if n == name), 1):
+            names[i] = f"{name} #{number}"
+    return names
+
+
+def differing_settings(settings: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per arm, the settings that differ between the arms, as the names read them (`{"betas": (0.5, 0.999)}`)."""
+    named = [naming_settings(s) for s in settings]
+    keys = varying_keys(named)
+    return [{k.removeprefix(HPARAM): s.get(k) for k in keys if k in s or not k.startswith(HPARAM)} for s in named]
+
+
+def arm_slug(name: str) -> str:
+    """A folder-safe form of an arm's name: `adam betas=(0.5,0.999)` -> `adam-betas=0.5-0.999`."""
+    text = re.sub(r"[^A-Za-z0-9_.=()-]+", "-", name).replace("(", "").replace(")", "")
+    return re.sub(r"-{2,}", "-", text).strip("-") or "arm"
+
+
+def arm_slugs(names: list[str]) -> list[str]:
+    """The arms' folder prefixes, derived from their names; two names that slug alike get -2, -3, ..."""
+    slugs = [arm_slug(n) for n in names]
+    return [s if slugs.count(s) == 1 else f"{s}-{slugs[:i + 1].count(s)}" for i, s in enumerate(slugs)]

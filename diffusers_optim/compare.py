@@ -25,13 +25,13 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import product
 from pathlib import Path
 from typing import Any
 
 from diffusers_optim import rundir
-from diffusers_optim.arms import NOT_ARM_KEYS, arm_labels
+from diffusers_optim.arms import NOT_ARM_KEYS, arm_names, arm_settings, arm_slugs, settings_from_args
 from diffusers_optim.checkpoint import all_checkpoints
 from diffusers_optim.config import (
     SECRET_FIELDS,
@@ -61,11 +61,14 @@ CONTROLLED_FLAGS = (
     "output_dir",
     "run_name",
     "run_group",
+    "arm_name",
     "resume_from_checkpoint",
     "overwrite_output_dir",
 )
 # flags that may differ between a finished run and the plan without making it a different run
-NOT_COMPARED = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir", "logger", *SECRET_FIELDS)
+NOT_COMPARED = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir", "logger", "arm_name", *SECRET_FIELDS)
+# trainer flags that name a run rather than set it: a rerun finds an earlier version's folders by the other flags
+NAMING_FLAGS = ("--run_name", "--arm_name")
 # secret flags reach the trainers through their environment, never through argv (plan.json, logs, `ps`)
 SECRET_ENV = {"hub_token": "HF_TOKEN"}
 # How long a rerun waits for a trainer left by a killed comparison to save its checkpoint and let go of its folder.
@@ -119,7 +122,6 @@ class OptimizerChoice:
     extra: (
         str | None
     )  # every other resolved hyperparameter in the optimizer's own names, for --optimizer_args
-    label: str = ""  # what runs and reports group by (the name, unless two specs share it)
 
 
 @dataclass(frozen=True)
@@ -128,15 +130,11 @@ class Arm:
 
     choice: OptimizerChoice
     settings: dict[str, str]  # grid flag -> value, in --grid order
-    label: str  # what distinguishes this arm from the others (see arms.arm_labels)
     extra: (
         str | None
     )  # the choice's resolved hyperparameters minus those a grid flag sets, for --optimizer_args
-
-    @property
-    def stem(self) -> str:
-        """The run folders' prefix: the optimizer's label, then every grid setting (`adam-adam_beta1=0.5`)."""
-        return "-".join([self.choice.label, *(f"{k}={v}" for k, v in self.settings.items())])
+    label: str = ""  # the arm's one name: the optimizer and what distinguishes it (arms.arm_names)
+    slug: str = ""  # the run folders' prefix, derived from the name (arms.arm_slugs): `adam-betas=0.5-0.999`
 
     def flags(self) -> list[str]:
         """Trainer flags of the arm after --optimizer and --learning_rate: the grid's values, then its other
@@ -155,13 +153,13 @@ class PlannedRun:
 
     name: str
     stage: str  # "tune" (lr-grid trial on the first seed) or "final"
-    optimizer: str  # the choice's label
+    optimizer: str  # the registry's name
     spec: str
     learning_rate: float
     seed: int
     path: str  # relative to the comparison folder
     args: list[str] = field(default_factory=list)  # trainer flags (without --resume_from_checkpoint)
-    arm: str = ""  # the arm's label
+    arm: str = ""  # the arm's name
     settings: dict[str, str] = field(default_factory=dict)  # the arm's --grid values
 
 
@@ -218,7 +216,7 @@ def resolve_choice(text: str) -> OptimizerChoice:
 
 
 def resolve_choices(texts: list[str]) -> list[OptimizerChoice]:
-    """All specs, validated; duplicates are errors and specs sharing a name get distinct labels."""
+    """All specs, validated; duplicates are errors."""
     if not texts:
         raise UserError("--optimizers needs at least one optimizer, e.g. --optimizers adamw lion:lr=3e-5")
     choices = [resolve_choice(t) for t in texts]
@@ -228,17 +226,7 @@ def resolve_choices(texts: list[str]) -> list[OptimizerChoice]:
         if key in seen:
             raise UserError(f"optimizer specs '{seen[key]}' and '{c.text}' are the same run; list each once")
         seen[key] = c.text
-    names = [c.name for c in choices]
-    return [
-        OptimizerChoice(**{**asdict(c), "label": c.name if names.count(c.name) == 1 else slug(c.text)})
-        for c in choices
-    ]
-
-
-def slug(text: str) -> str:
-    """A folder-safe version of a spec, e.g. `sgd:momentum=0.9` -> `sgd-momentum0.9`."""
-    out = text.replace(":", "-").replace(",", "-").replace("=", "")
-    return "".join(ch for ch in out if ch.isalnum() or ch in "-_.")
+    return choices
 
 
 def parse_lr_grid(values: list[str] | None) -> list[float] | None:
@@ -318,10 +306,19 @@ def parse_grids(texts: list[str] | None, passthrough: list[tuple[str, str]]) -> 
 
 
 def build_arms(choices: list[OptimizerChoice], grids: dict[str, list[str]]) -> list[Arm]:
-    """The cross product of the optimizer choices and every grid, each with the label that names it."""
+    """The cross product of the optimizer choices and every grid, each with its name and folder prefix."""
     combos = [(c, dict(zip(grids, values))) for c in choices for values in product(*grids.values())]
-    labels = arm_labels([{"optimizer": c.label, **s} for c, s in combos])
-    return [Arm(c, s, label, arm_extra(c, s)) for (c, s), label in zip(combos, labels)]
+    arms = [Arm(c, s, arm_extra(c, s)) for c, s in combos]
+    # named from the settings each arm's runs will record (as the report names runs added by hand from their
+    # config.json), the --grid flags first and in their order
+    recorded = [arm_settings(settings_from_args(arm_flags(arm))) for arm in arms]
+    names = arm_names([{**{k: r[k] for k in grids if k in r}, **r} for r in recorded])
+    return [replace(arm, label=name, slug=slug) for arm, name, slug in zip(arms, names, arm_slugs(names))]
+
+
+def arm_flags(arm: Arm) -> list[str]:
+    """The trainer flags that make the arm (those of plan_run without the seed and the names)."""
+    return ["--optimizer", arm.choice.name, "--learning_rate", fmt_lr(arm.choice.lr), *arm.flags()]
 
 
 def arm_extra(choice: OptimizerChoice, settings: dict[str, str]) -> str | None:
@@ -393,16 +390,16 @@ def fmt_lr(lr: float) -> str:
 
 def plan_run(arm: Arm, lr: float, seed: int, stage: str, common: list[str], group: str) -> PlannedRun:
     """One run: the shared training flags, then what differs (the arm's settings, lr, seed)."""
-    name = f"{arm.stem}-lr{fmt_lr(lr)}-s{seed}"
+    name = f"{arm.slug}-lr{fmt_lr(lr)}-s{seed}"
     path = f"{'tuning' if stage == 'tune' else 'runs'}/{name}"
     args = [*common, "--optimizer", arm.choice.name, "--learning_rate", fmt_lr(lr), "--seed", str(seed)]
     args += arm.flags()
-    args += ["--run_group", group, "--run_name", name]
+    args += ["--run_group", group, "--run_name", name, "--arm_name", arm.label]
     choice = arm.choice
     return PlannedRun(
         name,
         stage,
-        choice.label,
+        choice.name,
         choice.text,
         float(fmt_lr(lr)),
         seed,
@@ -411,6 +408,26 @@ def plan_run(arm: Arm, lr: float, seed: int, stage: str, common: list[str], grou
         arm.label,
         dict(arm.settings),
     )
+
+
+def run_key(stage: str, args: list[str]) -> tuple:
+    """What makes two planned runs the same run whatever they are named: the stage and every other trainer flag."""
+    pairs = zip(args[::2], args[1::2])
+    return (stage, *(item for pair in pairs if pair[0] not in NAMING_FLAGS for item in pair))
+
+
+def adopt_earlier_folders(runs: list[PlannedRun], root: Path, earlier: list[dict[str, Any]]) -> list[PlannedRun]:
+    """A rerun of a comparison planned by an earlier version (whose run names differ) finds its folders: a planned
+    run whose folder is not there takes the name, folder and flags of the same run in the earlier plan.json."""
+    found = {run_key(r.get("stage", "final"), r.get("args", [])): r for r in earlier
+             if r.get("path") and (root / r["path"]).exists()}
+    adopted = []
+    for run in runs:
+        old = found.get(run_key(run.stage, run.args))
+        if old is not None and old["path"] != run.path and not (root / run.path).exists():
+            run = replace(run, name=old["name"], path=old["path"], args=list(old["args"]))
+        adopted.append(run)
+    return adopted
 
 
 def write_plan(root: Path, plan: dict[str, Any], runs: list[PlannedRun]) -> Path:
@@ -653,9 +670,9 @@ def choose_lrs(arms: list[Arm], tune_runs: list[PlannedRun], root: Path) -> dict
 
 def link_tuned_runs(final_runs: list[PlannedRun], tune_runs: list[PlannedRun], root: Path) -> None:
     """A final run identical to a finished trial (same lr, first seed) points to it instead of rerunning."""
-    trials = {r.name: r for r in tune_runs}
+    trials = {run_key("", r.args): r for r in tune_runs}  # by flags: either may keep an earlier version's name
     for run in final_runs:
-        trial = trials.get(run.name)
+        trial = trials.get(run_key("", run.args))
         target = root / run.path
         if trial and not target.exists() and run_state(trial, root) == "complete":
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -805,7 +822,7 @@ def plan_and_train(cmp: Comparison, launcher: Launcher) -> dict[str, Path]:
     plan: dict[str, Any] = dict(
         command=cmp.command,
         optimizers=[asdict(c) for c in cmp.choices],
-        arms=[dict(label=a.label, optimizer=a.choice.label, settings=a.settings) for a in cmp.arms],
+        arms=[dict(label=a.label, slug=a.slug, optimizer=a.choice.name, settings=a.settings) for a in cmp.arms],
         seeds=cmp.seeds,
         grid=cmp.grids,
         rank_by=cmp.rank_by,
@@ -816,6 +833,7 @@ def plan_and_train(cmp: Comparison, launcher: Launcher) -> dict[str, Path]:
         backend="ray" if cmp.ray else "local",
         ray=cmp.ray.as_dict() if cmp.ray else None,
     )
+    earlier = read_json(cmp.root / rundir.PLAN).get("runs", [])  # a rerun's: its folders may be named otherwise
     tune: list[PlannedRun] = []
     if cmp.grid:
         tune = [
@@ -823,6 +841,7 @@ def plan_and_train(cmp: Comparison, launcher: Launcher) -> dict[str, Path]:
             for a in cmp.arms
             for m in cmp.grid
         ]
+        tune = adopt_earlier_folders(tune, cmp.root, earlier)
         write_plan(cmp.root, {**plan, "chosen_lr": None}, tune)
         check_reusable(tune, cmp.root, cmp.overwrite)
         execute(tune, cmp.root, launcher, cmp.accelerate_config, cmp.num_parallel, cmp.progress_every, cmp.ray)
@@ -830,6 +849,7 @@ def plan_and_train(cmp: Comparison, launcher: Launcher) -> dict[str, Path]:
     final = [
         plan_run(a, chosen[a.label], s, "final", cmp.common, cmp.group) for a in cmp.arms for s in cmp.seeds
     ]
+    final = adopt_earlier_folders(final, cmp.root, earlier)
     write_plan(cmp.root, {**plan, "chosen_lr": chosen}, tune + final)
     check_reusable(final, cmp.root, cmp.overwrite)
     link_tuned_runs(final, tune, cmp.root)

@@ -29,7 +29,7 @@ SECRET_FIELDS = ("hub_token",)
 # Where and how a run is recorded, not what is trained (owned here; arms.NOT_ARM_KEYS and FREE_FIELDS build on it).
 RECORD_FIELDS = (
     "output_dir", "overwrite_output_dir", "report_to", "logger", "tracker_project_name", "wandb_entity", "run_group",
-    "run_name", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "push_to_hub",
+    "run_name", "arm_name", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "push_to_hub",
     "hub_model_id", "hub_private_repo", "dataloader_num_workers", "cache_dir", "stop_after_steps", *SECRET_FIELDS,
 )
 # May change on resume without --allow_config_change: the record, the run's length and what is measured.
@@ -146,6 +146,7 @@ class TrainConfig:
     wandb_entity: str | None = field(default=None, metadata={"help": "W&B entity (team or user)."})
     run_group: str | None = field(default=None, metadata={"help": "W&B group; all runs of one comparison share it."})
     run_name: str | None = field(default=None, metadata={"help": "Run name; default: optimizer-lr-seed."})
+    arm_name: str | None = field(default=None, metadata={"help": "The comparison arm the run belongs to (set by `compare`; W&B groups a comparison's lines by it)."})
     num_timestep_buckets: int = field(default=4, metadata={"help": "Equal timestep ranges for loss_t/ and val_t/ (improved-diffusion's loss_q0..q3)."})
     logging_steps: int = field(default=10, metadata={"help": "Reduce and log metrics every N optimizer steps (0: only at the end)."})
     grad_probe_steps: int = field(default=200, metadata={"help": "Per-timestep gradient probes (grad_t/*) every N optimizer steps on a fixed probe batch (0: off)."})

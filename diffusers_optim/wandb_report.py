@@ -29,8 +29,13 @@ GROUP_BY = "config.optimizer"  # the trainer logs its config, so runs group by t
 
 
 def arm_grouping(plan: dict) -> list[str]:
-    """W&B config keys that tell a comparison's arms apart (from its plan.json): the optimizer, its arguments and
-    lr when two arms share an optimizer, and every --grid flag; seeds of one arm then share one line."""
+    """W&B config keys that tell a comparison's arms apart (from its plan.json); seeds of one arm share one line.
+
+    The arm's name (`arm_name`, set by compare) when every run was trained with it; for runs of an earlier version,
+    the optimizer, its arguments and lr when two arms share an optimizer, and every --grid flag."""
+    runs = plan.get("runs") or []
+    if runs and all("--arm_name" in run.get("args", []) for run in runs):
+        return ["config.arm_name"]
     keys = ["optimizer"]
     names = [o["name"] for o in plan.get("optimizers", [])]
     if len(set(names)) < len(names):

@@ -39,7 +39,8 @@ class Run:
     curves_missing: str | None = None  # why a complete run's metrics.jsonl gives no (or cut) curves, if it does not
     config: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)  # the full training config: what makes its arm
-    arm: str = ""  # the arm's label, set once all runs of the comparison are known (summary.label_arms)
+    arm: str = ""  # the arm's name, set once all runs of the comparison are known (summary.label_arms)
+    planned_arm: str = ""  # the name plan.json gives its arm (a plan of this version; "" for a run added by hand)
 
 
 def load_run(path: Path, planned: dict[str, Any] | None = None, error: str | None = None) -> Run:
@@ -110,6 +111,9 @@ def load_comparison(root: Path, stage: str = "final") -> list[Run]:
     planned = [r for r in plan.get("runs", []) if r.get("stage", "final") == stage]
     runs = [load_run(root / r["path"], r, failures.get(r["name"])) for r in planned]
     share_arm_settings(runs, planned)
+    if plan.get("arms") and all("slug" in a for a in plan["arms"]):  # named by arms.arm_names (older plans: not)
+        for run, entry in zip(runs, planned):
+            run.planned_arm = entry.get("arm", "")
     known = {(root / r["path"]).resolve() for r in planned}
     folder = root / ("runs" if stage == "final" else "tuning")
     dirs = sorted(p for p in folder.glob("*") if p.is_dir()) if folder.is_dir() else []

@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from diffusers_optim.arms import arm_identity, arm_labels, arm_settings, varying_keys
+from diffusers_optim.arms import arm_identity, arm_names, arm_settings, differing_settings
 from diffusers_optim.errors import UserError
 from diffusers_optim.metrics.keys import primary_metric
 from diffusers_optim.report.reading import (
@@ -126,26 +126,34 @@ NOT_AVERAGED = (*ID_COLUMNS, "target_step", "target_seconds", "curves_missing", 
 
 
 def label_arms(runs: list[Run]) -> dict[str, list[Run]]:
-    """Group runs into arms by their full training settings and label each arm; runs keep plan order."""
+    """Group runs into arms by their full training settings and name each arm; runs keep plan order.
+
+    The names are plan.json's when every arm is one planned arm (compare named them with arms.arm_names before
+    training: a tuned lr stays out of the name), else arm_names of the recorded settings (runs added by hand)."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
         groups.setdefault(arm_identity(run.settings), []).append(run)
-    labels = arm_labels([arm_settings(g[0].settings) for g in groups.values()])
+    planned = [{run.planned_arm for run in group} for group in groups.values()]
+    labels = [next(iter(p)) for p in planned]
+    if not all(len(p) == 1 and "" not in p for p in planned) or len(set(labels)) < len(labels):
+        labels = arm_names([arm_settings(g[0].settings) for g in groups.values()])
     for label, group in zip(labels, groups.values()):
         for run in group:
             run.arm = label
     return {label: group for label, group in zip(labels, groups.values())}
 
 
-def arm_row(arm: str, runs: list[Run], rows: list[dict[str, Any]], varying: list[str]) -> dict[str, Any]:
-    """Per metric over the complete seeds of one arm: mean, std (ddof=1), n and the 95% t-interval."""
+def arm_row(arm: str, runs: list[Run], rows: list[dict[str, Any]], differing: dict[str, Any]) -> dict[str, Any]:
+    """Per metric over the complete seeds of one arm: mean, std (ddof=1), n and the 95% t-interval.
+
+    differing: the arm's settings that differ between the arms (arms.differing_settings)."""
     done = [r for r in rows if r["status"] == "complete"]
     settings = runs[0].settings
     out: dict[str, Any] = dict(
         kind="arm",
         arm=arm,
         optimizer=settings.get("optimizer"),
-        settings={k: settings.get(k) for k in varying},
+        settings=differing,
         learning_rate=rows[0]["learning_rate"],
         runs_complete=len(done),
         runs_total=len(rows),
@@ -249,8 +257,8 @@ def build_summary(root: Path, target: float | None = None, rank_by: str | None =
     metric = choose_rank_by(rows, rank_by or plan.get("rank_by"))
     for row in rows:
         row["unranked"] = unranked_reason(row, metric)
-    varying = varying_keys([arm_settings(g[0].settings) for g in arms.values()])
-    arm_rows = [arm_row(arm, group, rows_by_arm[arm], varying) for arm, group in arms.items()]
+    differing = differing_settings([arm_settings(g[0].settings) for g in arms.values()])
+    arm_rows = [arm_row(arm, group, rows_by_arm[arm], diff) for (arm, group), diff in zip(arms.items(), differing)]
     ranked = rank(arm_rows, rows_by_arm, metric)
     tuning_runs = load_comparison(root, "tune")
     label_arms(tuning_runs)

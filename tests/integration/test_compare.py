@@ -161,7 +161,7 @@ def test_grid_values_reach_the_trainer_and_name_the_arms(tmp_path, monkeypatch):
             "--output_dir", str(out), *TRAIN_FLAGS]
     compare.run_comparison(compare.parse_comparison(argv), launcher=in_process)
     summary = json.loads((out / "summary.json").read_text())
-    assert sorted(a["arm"] for a in summary["arms"]) == ["max_grad_norm=0", "max_grad_norm=0.01"]
+    assert sorted(a["arm"] for a in summary["arms"]) == ["adamw max_grad_norm=0", "adamw max_grad_norm=0.01"]
     assert summary["rank_by"] == "val/loss"
     for arm in summary["arms"]:
         (run,) = [r for r in summary["runs"] if r["arm"] == arm["arm"]]
@@ -169,6 +169,45 @@ def test_grid_values_reach_the_trainer_and_name_the_arms(tmp_path, monkeypatch):
         assert config["max_grad_norm"] == arm["settings"]["max_grad_norm"]
         # the value changed training: clipping off never clips, a 0.01 bound clips every step
         assert run["clipped_fraction_mean"] == (0.0 if config["max_grad_norm"] == 0 else 1.0)
+
+
+def test_two_specs_of_one_optimizer_have_one_short_name_everywhere(tmp_path, monkeypatch):
+    """Two adam specs differing in betas only: plan.json, the run folders, summary.json, report.md and the W&B
+    grouping name each arm by the optimizer and its betas, never by every resolved argument. The CLI in this
+    process, its planned trainer commands too (the pool's subprocess path is test_tiny_comparison_end_to_end's)."""
+    from functools import partial
+
+    from test_readme_commands import in_process
+
+    from diffusers_optim import cli, compare, live, wandb_report
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.setattr(compare, "run_comparison", partial(compare.run_comparison, launcher=in_process))
+    out = tmp_path / "betas"
+    specs = ["adam:lr=1e-3,betas=(0.5,0.999)", "adam:lr=1e-3,betas=(0.9,0.999)"]
+    assert cli.main(["compare", "--optimizers", *specs, "--seeds", "0", "--output_dir", str(out), *TRAIN_FLAGS]) == 0
+    names = ["adam betas=(0.5,0.999)", "adam betas=(0.9,0.999)"]
+    folders = ["adam-betas=0.5-0.999-lr0.001-s0", "adam-betas=0.9-0.999-lr0.001-s0"]
+
+    plan = json.loads((out / "plan.json").read_text())
+    assert [a["label"] for a in plan["arms"]] == names and [a["optimizer"] for a in plan["arms"]] == ["adam"] * 2
+    assert [(r["arm"], r["optimizer"], r["path"]) for r in plan["runs"]] == [
+        (name, "adam", f"runs/{folder}") for name, folder in zip(names, folders)]
+    for name, folder in zip(names, folders):
+        assert json.loads((out / "runs" / folder / "config.json").read_text())["config"]["arm_name"] == name
+    assert wandb_report.arm_grouping(plan) == ["config.arm_name"]  # W&B: one line per arm, under its name
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(a["arm"] for a in summary["arms"]) == names
+    assert [(r["arm"], r["run"]) for r in summary["runs"]] == list(zip(names, folders))
+    assert sorted(a["settings"]["betas"] for a in summary["arms"]) == [[0.5, 0.999], [0.9, 0.999]]
+    ranking = live.final_lines(summary, out / "report.html").splitlines()[1:3]  # what the comparison prints last
+    assert sorted(line.split("  ")[2].strip() for line in ranking) == names, ranking
+    md = (out / "report.md").read_text()
+    for name in names:
+        assert f"| {name} |" in md
+    assert "optimizer_args=" not in md and "eps=" not in md and "weight_decay" not in md
+    assert "betas=(0.5,0.999),eps" not in (out / "summary.csv").read_text()
 
 
 def test_summarize_without_the_best_runs_metrics_ranks_it_from_its_run_summary(tmp_path, monkeypatch):

@@ -54,9 +54,12 @@ def test_bad_specs_are_user_errors(specs, message):
         compare.resolve_choices(specs)
 
 
-def test_same_optimizer_twice_gets_distinct_labels():
-    labels = [c.label for c in compare.resolve_choices(["sgd:lr=0.01", "sgd:lr=0.01,momentum=0.5", "lion"])]
-    assert labels == ["sgd-lr0.01", "sgd-lr0.01-momentum0.5", "lion"]
+def test_same_optimizer_twice_is_named_by_what_differs_alone():
+    """The optimizer, then only the hyperparameter the two sgd arms differ in (not their shared lr, nor lion's);
+    the folders' prefix is derived from that name."""
+    arms = compare.build_arms(compare.resolve_choices(["sgd:lr=0.01", "sgd:lr=0.01,momentum=0.5", "lion"]), {})
+    assert [a.label for a in arms] == ["sgd momentum=0.9", "sgd momentum=0.5", "lion"]
+    assert [a.slug for a in arms] == ["sgd-momentum=0.9", "sgd-momentum=0.5", "lion"]
     # resolved, sgd's default momentum 0.9 written out is the same run as leaving it out
     with pytest.raises(UserError, match="are the same run"):
         compare.resolve_choices(["sgd:lr=0.01", "sgd:lr=0.01,momentum=0.9"])
@@ -261,10 +264,10 @@ def test_diffusers_flag_names_pass_through_as_ours():
 
 GRID_ARGV = ["--optimizers", "adam", "--grid", "adam_beta1=0.5,0.9", "--grid", "lr_warmup_steps=0,5"]
 GRID_LABELS = [
-    "adam_beta1=0.5 lr_warmup_steps=0",
-    "adam_beta1=0.5 lr_warmup_steps=5",
-    "adam_beta1=0.9 lr_warmup_steps=0",
-    "adam_beta1=0.9 lr_warmup_steps=5",
+    "adam beta1=0.5 lr_warmup_steps=0",
+    "adam beta1=0.5 lr_warmup_steps=5",
+    "adam beta1=0.9 lr_warmup_steps=0",
+    "adam beta1=0.9 lr_warmup_steps=5",
 ]
 
 
@@ -279,13 +282,13 @@ def test_grid_plans_8_runs_in_4_arms_with_intervals_and_distinct_labels(tmp_path
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert len(plan["runs"]) == 8 and [a["label"] for a in plan["arms"]] == GRID_LABELS
     assert plan["grid"] == {"adam_beta1": ["0.5", "0.9"], "lr_warmup_steps": ["0", "5"]}
-    assert len(trainer.launched) == 8 and "adam-adam_beta1=0.9-lr_warmup_steps=5-lr0.0001-s1" in trainer.launched
+    assert len(trainer.launched) == 8 and "adam-beta1=0.9-lr_warmup_steps=5-lr0.0001-s1" in trainer.launched
 
     summary = json.loads(paths["summary_json"].read_text())
     arms = {a["arm"]: a for a in summary["arms"]}
     assert sorted(arms) == GRID_LABELS and summary["rank_by"] == "val/loss"
     for label, arm in arms.items():
-        beta1, warmup = (float(part.split("=")[1]) for part in label.split())
+        beta1, warmup = (float(part.split("=")[1]) for part in label.split()[1:])
         assert arm["settings"] == {"adam_beta1": beta1, "lr_warmup_steps": warmup}
         expected = 1 / 1.01 + 0.005 + 0.1 * beta1 + 0.002 * warmup  # mean over seeds 0 and 1
         assert arm["val/loss"] == pytest.approx(expected) and arm["val/loss_n"] == 2
@@ -317,9 +320,9 @@ def test_summarize_never_merges_arms_of_merged_folders(tmp_path):
             shutil.copytree(run_dir, merged / "runs" / f"{run_dir.name}-from-w{warmup}")
     summary = json.loads(report.summarize(merged)["summary_json"].read_text())
     arms = {a["arm"]: a for a in summary["arms"]}
-    assert sorted(arms) == ["lr_warmup_steps=0", "lr_warmup_steps=5"]
+    assert sorted(arms) == ["adam lr_warmup_steps=0", "adam lr_warmup_steps=5"]
     assert all(a["runs_total"] == 2 and a["val/loss_n"] == 2 for a in arms.values())
-    assert arms["lr_warmup_steps=5"]["val/loss"] - arms["lr_warmup_steps=0"]["val/loss"] == pytest.approx(0.01)
+    assert arms["adam lr_warmup_steps=5"]["val/loss"] - arms["adam lr_warmup_steps=0"]["val/loss"] == pytest.approx(0.01)
 
     # and into a folder that has a plan: the planned arms plus the runs added by hand, still not merged
     grid_comparison(tmp_path / "grid", FakeTrainer())
@@ -332,9 +335,9 @@ def test_summarize_never_merges_arms_of_merged_folders(tmp_path):
 @pytest.mark.parametrize(
     "grid, message",
     [
-        (["adam_beta1=1.5,0.9"], "arm 'adam_beta1=1.5': --adam_beta1 must be below 1"),
-        (["lr_warmup_steps=0,-5"], "arm 'lr_warmup_steps=-5': --lr_warmup_steps must be at least 0"),
-        (["lr_scheduler=cosine,cosin"], "arm 'lr_scheduler=cosin': unknown --lr_scheduler"),
+        (["adam_beta1=1.5,0.9"], "arm 'adam beta1=1.5': --adam_beta1 must be below 1"),
+        (["lr_warmup_steps=0,-5"], "arm 'adam lr_warmup_steps=-5': --lr_warmup_steps must be at least 0"),
+        (["lr_scheduler=cosine,cosin"], "arm 'adam lr_scheduler=cosin': unknown --lr_scheduler"),
         (["max_grad_norm=0,big"], "--grid max_grad_norm: cannot read 'big' as float"),
         (["seed=1,2"], "--grid seed: the comparison sets it per run \\(--seeds\\)"),
         (["learning_rate=1,2"], "--lr_grid"),
@@ -360,7 +363,7 @@ def test_grid_crosses_optimizers_and_lr_grid_tunes_each_arm(tmp_path):
     argv += ["--output_dir", str(tmp_path), "--max_train_steps", "7", "--lr_warmup_steps", "1", "--lr_grid", "1", "2"]
     compare.run_comparison(compare.parse_comparison(argv), trainer)
     plan = json.loads((tmp_path / "plan.json").read_text())
-    labels = ["adamw max_grad_norm=0", "adamw max_grad_norm=1.0", "sgd max_grad_norm=0", "sgd max_grad_norm=1.0"]
+    labels = ["adamw max_grad_norm=0", "adamw max_grad_norm=1", "sgd max_grad_norm=0", "sgd max_grad_norm=1"]
     assert [a["label"] for a in plan["arms"]] == labels
     assert sorted(plan["chosen_lr"]) == sorted(labels)  # one tuned lr per arm
     assert len(trainer.launched) == 8  # 4 arms x 2 multipliers; the final seed reuses the winning trial
@@ -383,8 +386,8 @@ def test_a_run_that_never_started_stays_in_its_planned_arm(tmp_path):
     compare.run_comparison(compare.parse_comparison([*argv, "--output_dir", str(tmp_path)]), launcher)
     summary = json.loads((tmp_path / "summary.json").read_text())
     arms = [(a["arm"], a["status"]) for a in summary["arms"]]
-    assert arms == [("adam_beta1=0.5", "complete"), ("adam_beta1=0.9", "failed")]
-    assert "no seed finished in both adam_beta1=0.9 and adam_beta1=0.5" in (tmp_path / "report.md").read_text()
+    assert arms == [("adam beta1=0.5", "complete"), ("adam beta1=0.9", "failed")]
+    assert "no seed finished in both adam beta1=0.9 and adam beta1=0.5" in (tmp_path / "report.md").read_text()
 
 
 def test_hub_token_reaches_no_plan_flag_or_log_only_the_trainers_environment(tmp_path):
@@ -420,3 +423,50 @@ def test_every_arm_gets_the_same_compile_mode(tmp_path):
     with pytest.raises(UserError, match="--grid torch_compile: it does not change what is trained"):
         compare.parse_comparison(["--optimizers", "adamw", "--output_dir", str(tmp_path / "g"),
                                   "--grid", "torch_compile=true,false"])
+
+
+def test_an_arm_keeps_its_planned_name_when_tuning_gives_arms_of_one_optimizer_different_lrs(tmp_path):
+    """The recorded lrs differ after tuning (one arm's larger trial failed), yet report and summary name each arm as
+    plan.json does: the optimizer and its betas, the chosen lr staying in the lr column."""
+    fake = FakeTrainer()
+
+    def launcher(cmd: list[str], log_path: Path) -> int:
+        lr, spec = float(cmd[cmd.index("--learning_rate") + 1]), cmd[cmd.index("--optimizer_args") + 1]
+        return 1 if lr > 1e-3 and spec.startswith("betas=(0.5,") else fake(cmd, log_path)
+
+    argv = ["--optimizers", "adam:lr=1e-3,betas=(0.5,0.999)", "adam:lr=1e-3,betas=(0.9,0.999)", "--lr_grid", "0.5",
+            "2", "--seeds", "0", "1", "--max_train_steps", "10", "--output_dir", str(tmp_path)]
+    paths = compare.run_comparison(compare.parse_comparison(argv), launcher)
+    names = ["adam betas=(0.5,0.999)", "adam betas=(0.9,0.999)"]
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert [a["label"] for a in plan["arms"]] == names
+    assert plan["chosen_lr"] == {names[0]: 0.0005, names[1]: 0.002}
+    summary = json.loads(paths["summary_json"].read_text())
+    assert sorted(a["arm"] for a in summary["arms"]) == names
+    assert {r["arm"] for r in summary["runs"]} == set(names)
+    assert all(f"| {name} |" in paths["report_md"].read_text() for name in names)
+
+
+def test_a_rerun_finds_the_run_folders_an_earlier_version_named_otherwise(tmp_path, monkeypatch):
+    """A comparison planned with other folder names (an earlier version's naming) is rerun: every finished run is
+    found and reused, nothing is trained again, and its runs stay the arms' runs (no folder counted twice)."""
+    from diffusers_optim import arms
+
+    argv = ["--optimizers", "adam:lr=1e-3,betas=(0.5,0.999)", "adam:lr=1e-3,betas=(0.9,0.999)", "--seeds", "0", "1",
+            "--max_train_steps", "10", "--output_dir", str(tmp_path)]
+    with monkeypatch.context() as earlier:
+        earlier.setattr(compare, "arm_slugs", lambda names: [f"v1-{s}" for s in arms.arm_slugs(names)])
+        compare.run_comparison(compare.parse_comparison(argv), FakeTrainer())
+    old_folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(old_folders) == 4 and all(name.startswith("v1-adam-betas=") for name in old_folders)
+
+    again = FakeTrainer()
+    paths = compare.run_comparison(compare.parse_comparison(argv), again)
+    assert again.launched == [] and sorted(p.name for p in (tmp_path / "runs").iterdir()) == old_folders
+    summary = json.loads(paths["summary_json"].read_text())
+    assert sorted((a["arm"], a["runs_total"]) for a in summary["arms"]) == [
+        ("adam betas=(0.5,0.999)", 2), ("adam betas=(0.9,0.999)", 2)]
+    # a new comparison in a fresh folder gets this version's folder names
+    fresh = FakeTrainer()
+    compare.run_comparison(compare.parse_comparison([*argv[:-1], str(tmp_path / "fresh")]), fresh)
+    assert fresh.launched[0] == "adam-betas=0.5-0.999-lr0.001-s0"

@@ -47,8 +47,9 @@ def test_missing_required_flags_exit_with_usage():
 
 
 def test_comparison_plan_groups_lines_by_arm_and_names_the_group(tmp_path, monkeypatch):
-    """With --comparison, seeds of one arm share a line and arms never do: the grid flags and, when two arms share
-    an optimizer, its arguments and lr join the grouping; the group comes from the plan."""
+    """With --comparison, seeds of one arm share a line and arms never do; for a plan whose runs carry no
+    --arm_name (an earlier version's), the grid flags and, when two arms share an optimizer, its arguments and lr
+    join the grouping; the group comes from the plan."""
     from dataclasses import asdict
 
     from diffusers_optim import compare, rundir
@@ -83,3 +84,20 @@ def test_comparison_without_a_plan_is_one_line(tmp_path, capsys):
 
     assert cli.main(["report", "--entity", "e", "--project", "p", "--comparison", str(tmp_path)]) == 2
     assert "no plan.json there" in capsys.readouterr().err
+
+
+def test_runs_planned_by_this_version_share_a_line_per_arm_under_its_name(tmp_path):
+    """Every planned run passes --arm_name (W&B's config.arm_name) and the lines group by it alone; a plan with a run
+    of an earlier version (no such flag) falls back to the settings' keys."""
+    from dataclasses import asdict
+
+    from diffusers_optim import compare
+
+    cmp = compare.parse_comparison(["--optimizers", "adam:betas=(0.5,0.999)", "adam", "--seeds", "0", "1",
+                                    "--output_dir", str(tmp_path)])
+    runs = [asdict(compare.plan_run(a, a.choice.lr, s, "final", cmp.common, cmp.group)) for a in cmp.arms for s in (0, 1)]
+    plan = {"optimizers": [asdict(c) for c in cmp.choices], "grid": {}, "runs": runs}
+    assert [r["args"][r["args"].index("--arm_name") + 1] for r in runs[::2]] == [a.label for a in cmp.arms]
+    assert wandb_report.arm_grouping(plan) == ["config.arm_name"]
+    runs[0]["args"] = runs[0]["args"][: runs[0]["args"].index("--arm_name")]
+    assert wandb_report.arm_grouping(plan) == ["config.optimizer", "config.optimizer_args", "config.learning_rate"]
