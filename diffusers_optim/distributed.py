@@ -98,16 +98,36 @@ def slow_save_warning(save_s: float, started_by: str | None) -> str | None:
             "start one-process runs with `python SCRIPT FLAGS` (the same run) to keep Ctrl-C's checkpoint")
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: stop signals are the training process's to handle.
+# A data worker outlives a SIGTERM by this much (or until its training process is gone): longer than accelerate's
+# one-process launcher waits before its SIGKILL, short enough that a process tearing down a live loader at exit
+# (multiprocessing terminates and then joins its daemonic children) is not held long.
+WORKER_TERM_DELAY_S = SIMPLE_LAUNCHER_GRACE_S + 1.0
 
-    Ctrl-C reaches every process of the terminal's group, and accelerate's single-process launcher SIGTERMs the whole
+
+def shelter_data_worker(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: a stop is the training process's to handle, not its data workers'.
+
+    Ctrl-C reaches every process of the terminal's group, and accelerate's one-process launcher SIGTERMs the whole
     process tree: a data worker that died of either made torch's SIGCHLD handler raise "DataLoader worker ... is
-    killed by signal" inside the step, so the run crashed instead of saving its checkpoint. The DataLoader shuts its
-    workers down when the run ends, and a worker whose parent died exits by itself (torch's watchdog).
+    killed by signal" inside the step, so the run crashed instead of saving its checkpoint. So a worker ignores
+    SIGINT, and goes on serving batches for WORKER_TERM_DELAY_S after a SIGTERM, leaving at once when its training
+    process is gone. (Ignoring SIGTERM outright hung the exit of a run that failed with its loader alive:
+    multiprocessing's exit handler terminates daemonic workers, then joins them without a timeout.)
     """
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _leave_soon)
+
+
+def _leave_soon(signum: int, frame: FrameType | None) -> None:
+    parent = os.getppid()
+
+    def leave() -> None:
+        deadline = time.monotonic() + WORKER_TERM_DELAY_S
+        while time.monotonic() < deadline and os.getppid() == parent:
+            time.sleep(0.05)
+        os._exit(128 + signum)
+
+    threading.Thread(target=leave, daemon=True).start()
 
 
 @dataclass(frozen=True)

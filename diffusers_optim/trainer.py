@@ -42,8 +42,8 @@ from diffusers_optim.distributed import (
     Stop,
     StopRequest,
     decided_on_main,
-    ignore_stop_signals,
     launcher,
+    shelter_data_worker,
     slow_save_warning,
 )
 from diffusers_optim.errors import UserError
@@ -89,6 +89,15 @@ PROBE_SEED = 2468  # frozen noise/timesteps of the gradient probes' batch: the s
 
 class TrainingStopped(RuntimeError):
     """Raised when the run cannot go on (too many non-finite steps); a checkpoint has been saved."""
+
+
+def close_data_workers(batches) -> None:
+    """Tell the data workers to leave now. An exception keeps the loader's iterator alive in its traceback, and at
+    exit multiprocessing would then terminate the workers, which wait out a SIGTERM (distributed.shelter_data_worker).
+    torch offers no public close; `_shutdown_workers` is what its own `__del__` calls."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 class Trainer:
@@ -220,17 +229,20 @@ class Trainer:
                 self.t_interval_start = time.perf_counter()  # images/s counts training steps only
             self.status.start_training(self.step)
             batches = iter(self.build_loader())
-            bar = tqdm(total=self.max_steps, initial=self.step, desc=self.run_name, dynamic_ncols=True,
-                       disable=not self.accelerator.is_local_main_process)
-            self.t_start = time.perf_counter()
-            while self.step < self.max_steps:
-                stop = self.run_step(batches, bar)
-                if stop is None and self.step == self.cfg.stop_after_steps and self.step < self.max_steps:
-                    stop = Stop()
-                if stop is not None:
-                    return self.stop_early(stop, bar)
-            bar.close()
-            return self.finish()
+            try:
+                bar = tqdm(total=self.max_steps, initial=self.step, desc=self.run_name, dynamic_ncols=True,
+                           disable=not self.accelerator.is_local_main_process)
+                self.t_start = time.perf_counter()
+                while self.step < self.max_steps:
+                    stop = self.run_step(batches, bar)
+                    if stop is None and self.step == self.cfg.stop_after_steps and self.step < self.max_steps:
+                        stop = Stop()
+                    if stop is not None:
+                        return self.stop_early(stop, bar)
+                bar.close()
+                return self.finish()
+            finally:
+                close_data_workers(batches)
 
     def run_step(self, batches, bar) -> Stop | None:
         """One whole step of the loop: train, count it, its logging/validation/samples/checkpoint work, then the
@@ -714,7 +726,7 @@ class Trainer:
         workers = self.num_workers
         return torch.utils.data.DataLoader(self.data.train, batch_sampler=stream, num_workers=workers,
                                            persistent_workers=workers > 0, pin_memory=acc.device.type == "cuda",
-                                           worker_init_fn=ignore_stop_signals if workers > 0 else None)
+                                           worker_init_fn=shelter_data_worker if workers > 0 else None)
 
     def finish(self) -> dict[str, Any]:
         """Save the final pipeline, write run_summary.json last, and upload if asked."""
