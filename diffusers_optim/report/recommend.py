@@ -47,15 +47,57 @@ def bucket_verdicts(summary: dict[str, Any], best: str) -> tuple[dict[str, list[
     return wins, losses
 
 
+def cost_text(row: dict[str, Any]) -> str:
+    """`4.0 B/param of optimizer state, 1520 img/s` from what the arm's runs measured."""
+    parts = []
+    if is_number(row.get("optim/state_bytes_per_param")):
+        parts.append(f"{sig(row['optim/state_bytes_per_param'], 2)} B/param of optimizer state")
+    if is_number(row.get("perf/images_per_sec")):
+        parts.append(f"{sig(row['perf/images_per_sec'], 3)} img/s")
+    return ", ".join(parts) or "no cost measured"
+
+
+def cheapest(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The arm that costs least: the least optimizer-state memory, then the most images per second."""
+    def cost(row: dict[str, Any]) -> tuple[float, float]:
+        state, speed = row.get("optim/state_bytes_per_param"), row.get("perf/images_per_sec")
+        return (state if is_number(state) else float("inf"), -(speed if is_number(speed) else 0.0))
+
+    return min(rows, key=cost)
+
+
+def contenders(arms: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The best arm and every arm not resolved worse than it by a difference that matters."""
+    return [r for r in arms if r.get("best") or r.get("verdict") != "worse"]
+
+
 def pick_sentence(summary: dict[str, Any], arms: list[dict[str, Any]]) -> str:
+    """Pick only what is resolved; otherwise name the set the data cannot split and choose in it on cost."""
     metric = summary.get("rank_by", "val/loss")
     direction = "higher" if summary.get("higher_is_better") else "lower"
+    extreme = "highest" if summary.get("higher_is_better") else "lowest"
     best = arms[0]
-    text = f"Pick {name(best)}: the best {metric} ({value_text(best, metric)}; {direction} is better)"
-    runner = arms[1] if len(arms) > 1 else None
-    if runner is not None:
-        text += f", ahead of {name(runner)} ({value_text(runner, metric)})"
-    return text + "."
+    stats = summary.get("statistics") or {}
+    effect = (stats.get("min_effect") or {}).get(metric) or 0.0
+    if len(arms) == 1:
+        return f"{name(best)} is the only arm ({metric} {value_text(best, metric)})."
+    if stats.get("resolved_best"):
+        margin = f" by at least {sig(effect, 2)}, the smallest difference that matters" if effect else ""
+        return (f"Pick {name(best)}: the best {metric} ({value_text(best, metric)}; {direction} is better), "
+                f"resolved ahead of every other arm{margin}.")
+    seeds = max((r.get(metric + "_n") or 0 for r in arms), default=0)
+    if seeds < 2:
+        return (f"No pick: one seed per arm gives no interval, so the order may be noise ({name(best)} has the "
+                f"{extreme} {metric}, {value_text(best, metric)}); rerun with --seeds 0 1 2.")
+    group = contenders(arms)
+    choice = cheapest(group)
+    equivalent = [name(r) for r in group if r.get("verdict") in ("equivalent", "negligible")]
+    text = (f"No single pick on {metric}: {and_list([name(r) for r in group])} are not resolved apart by a "
+            "difference that matters")
+    if equivalent:
+        text += f" ({and_list(equivalent)} {'is' if len(equivalent) == 1 else 'are'} within it of {name(best)})"
+    return text + (f". Among them {name(choice)} costs least ({cost_text(choice)}); "
+                   f"{name(best)} has the {extreme} mean ({value_text(best, metric)}).")
 
 
 def bucket_means_sentence(arms: list[dict[str, Any]]) -> str | None:
@@ -86,7 +128,8 @@ def bucket_sentence(summary: dict[str, Any], best: str) -> str | None:
         return None
     parts = [f"lower validation loss than {arms} at {buckets}" for arms, buckets in by_arms(wins)]
     parts += [f"higher than {arms} at {buckets}" for arms, buckets in by_arms(losses)]
-    return f"By timestep bucket, {best} has " + "; ".join(parts) + " (differences resolved over seeds)."
+    return (f"By timestep bucket, {best} has " + "; ".join(parts)
+            + " (resolved over seeds by at least each bucket's smallest difference that matters).")
 
 
 def by_arms(verdicts: dict[str, list[str]]) -> list[tuple[str, str]]:
@@ -131,8 +174,24 @@ def unresolved_sentence(summary: dict[str, Any], arms: list[dict[str, Any]]) -> 
     tied = [name(r) for r in arms[1:] if r.get("tied")]
     if not tied:
         return f"Every other arm is resolved from {name(arms[0])} on {metric}."
-    return (f"Not resolved from {name(arms[0])} on {metric} (the paired interval contains zero): "
-            f"{', '.join(tied)}; more seeds could separate them.")
+    return (f"Not resolved from {name(arms[0])} on {metric}: {', '.join(tied)}; more seeds could separate them.")
+
+
+def power_sentence(summary: dict[str, Any], arms: list[dict[str, Any]]) -> str | None:
+    """For the arms the seeds could not separate from the best: the smallest difference they resolve, and about
+    how many seeds the observed difference would need."""
+    metric = summary.get("rank_by", "val/loss")
+    parts = []
+    for row in arms[1:]:
+        diff = row.get("diff_vs_best") or {}
+        if row.get("verdict") != "tied" or not is_number(diff.get("resolvable")):
+            continue
+        need = diff.get("seeds_needed")
+        parts.append(f"{name(row)} (gap {sig(abs(diff['mean']), 2)}; these seeds resolve {sig(diff['resolvable'], 2)}"
+                     + (f"; about {need} seeds would resolve this gap" if need else "") + ")")
+    if not parts:
+        return None
+    return f"Power on {metric}: " + "; ".join(parts) + "."
 
 
 def recommendation(summary: dict[str, Any]) -> list[str]:
@@ -142,6 +201,6 @@ def recommendation(summary: dict[str, Any]) -> list[str]:
     if not arms:
         return []
     buckets = bucket_sentence(summary, name(arms[0])) or bucket_means_sentence(arms)
-    sentences = [pick_sentence(summary, arms), buckets,
-                 disagreement_sentence(summary, arms), unresolved_sentence(summary, arms)]
+    sentences = [pick_sentence(summary, arms), buckets, disagreement_sentence(summary, arms),
+                 unresolved_sentence(summary, arms), power_sentence(summary, arms)]
     return [s for s in sentences if s]

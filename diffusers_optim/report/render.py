@@ -162,15 +162,46 @@ def memory_column(rows: list[dict[str, Any]]) -> tuple[str, str]:
     return next((c for c in MEMORY_COLUMNS if any(is_number(r.get(c[0])) for r in rows)), MEMORY_COLUMNS[-1])
 
 
+VERDICT_WORDS = {"worse": "worse", "negligible": "negligible", "equivalent": "equivalent", "tied": "tied",
+                 "no interval": "no interval", "better": "better"}
+
+
 def verdict(row: dict[str, Any]) -> str:
-    """best | tied (not resolved from the best) | resolved (the interval of the difference excludes 0) | not ranked."""
+    """best | worse (by at least the smallest difference that matters) | negligible (resolved, smaller) |
+    equivalent (resolved within it) | tied (not resolved) | no interval (fewer than 2 seeds) | not ranked."""
     if row.get("unranked"):
         return f"not ranked: {row['unranked']}"
     if row.get("best"):
         return "best"
+    if row.get("verdict") in VERDICT_WORDS:
+        return VERDICT_WORDS[row["verdict"]]
     if row.get("diff_vs_best") is None:
         return "no data"
     return "tied" if row.get("tied") else "resolved"
+
+
+def verdict_text(diff: dict[str, Any]) -> str:
+    """What one comparison resolves, in words, with its interval."""
+    effect = diff.get("min_effect") or 0.0
+    word = diff.get("verdict")
+    if diff.get("resolved"):
+        return diff_text(diff)
+    if word == "equivalent":
+        return f"equivalent: within ±{sig(effect, 2)} ({diff_text(diff)})"
+    if word == "negligible":
+        return f"resolved but below the smallest difference that matters, {sig(effect, 2)} ({diff_text(diff)})"
+    return f"not resolved ({diff_text(diff)})"
+
+
+def statistics_line(summary: dict[str, Any]) -> str | None:
+    """How the verdicts were reached, and what they promise, in one sentence."""
+    stats = summary.get("statistics")
+    if not stats:
+        return None
+    effects = ", ".join(f"{k} {sig(v, 2)}" for k, v in stats["min_effect"].items() if v)
+    return (f"Verdicts: {stats['method']}; the {len(stats['family'])} metrics below are one family whose chance of "
+            f"stating any false difference is at most {stats['alpha']:.0%} ({stats['ranking_share']:.0%} of it for "
+            f"{summary['rank_by']}). Smallest differences that matter: {effects or 'none measured (any resolved one)'}.")
 
 
 def ranking_table(summary: dict[str, Any]) -> Table:
@@ -270,6 +301,8 @@ def findings(summary: dict[str, Any]) -> list[str]:
         f"differences between arms are paired by seed. Best: {best}.",
         *data_gaps(summary),
     ]
+    if statistics_line(summary):
+        lines.append(statistics_line(summary))
     floor = floor_of(summary, metric)
     if floor is not None:
         lines.append(
@@ -291,9 +324,7 @@ def findings(summary: dict[str, Any]) -> list[str]:
         if not any(d.get("n") for d in diffs):
             lines.append(f"{arm}: no seed finished in both {arm} and {best}, so nothing to compare.")
             continue
-        text = f"{arm} vs {best}: {metric} " + (
-            diff_text(head) if head and head["resolved"] else f"not resolved ({diff_text(head or {})})"
-        )
+        text = f"{arm} vs {best}: {metric} " + verdict_text(head or {})
         resolved = [f"{d['metric']} {diff_text(d)}" for d in rest if d["resolved"]]
         if rest:
             others = "other metrics" if resolved else ", ".join(d["metric"] for d in rest)

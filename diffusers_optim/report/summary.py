@@ -26,7 +26,19 @@ from diffusers_optim.report.reading import (
     read_json,
     series,
 )
-from diffusers_optim.report.stats import CONFIDENCE, estimate, higher_is_better, paired_difference, rank_arms
+from diffusers_optim.report.stats import CONFIDENCE, estimate, higher_is_better, rank_arms
+from diffusers_optim.report.verdicts import (
+    ALPHA,
+    BEST,
+    BETTER,
+    RANKING_SHARE,
+    WORSE,
+    KeyVerdicts,
+    Verdict,
+    default_min_effect,
+    family_alphas,
+    judge,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -205,21 +217,37 @@ def unranked_reason(row: dict[str, Any], metric: str) -> str | None:
     return None if is_number(row[metric]) else f"final {metric} not finite"
 
 
-def rank(arm_rows: list[dict[str, Any]], rows_by_arm: dict[str, list[dict]], metric: str) -> list[dict]:
-    """Arm rows in rank order, each with `tied` (not resolved from the best) and its paired difference; an arm
-    with no value of the metric has rank None and `unranked`, the reason its runs give."""
-    order = rank_arms({arm: per_seed(rows, metric) for arm, rows in rows_by_arm.items()}, metric)
+def rank(arm_rows: list[dict[str, Any]], rows_by_arm: dict[str, list[dict]], order: list[dict],
+         ranking: KeyVerdicts) -> list[dict]:
+    """Arm rows in rank order, each with its verdict against the best on the ranking metric (verdicts.judge) and
+    `tied` (not resolved worse by a difference that matters); an arm with no value of the metric has rank None and
+    `unranked`, the reason its runs give."""
     by_arm = {row["arm"]: row for row in arm_rows}
     ranked = []
     for entry in order:
         row = by_arm[entry["arm"]]
-        row.update(
-            rank=entry["rank"], best=entry["best"], tied=entry["tied"], diff_vs_best=entry["diff_vs_best"]
-        )
+        found = ranking.of(entry["arm"])
+        row.update(rank=entry["rank"], best=entry["best"], tied=False, diff_vs_best=None,
+                   verdict=BEST if entry["best"] else None)
+        if found is not None and not entry["best"]:
+            row.update(verdict=found.verdict, tied=found.verdict != WORSE, diff_vs_best=comparison(found))
+        elif not entry["best"] and entry["rank"] is not None:
+            row.update(tied=True, verdict="no interval")
         reasons = dict.fromkeys(r["unranked"] for r in rows_by_arm[entry["arm"]] if r["unranked"])
         row["unranked"] = "; ".join(reasons) if entry["rank"] is None else None
         ranked.append(row)
     return ranked
+
+
+def comparison(v: Verdict) -> dict[str, Any]:
+    """A verdict as the report's comparison row: `a - b` in the metric's own units and direction (mean, low, high),
+    with what it resolves (`resolved`: better or worse by at least min_effect)."""
+    sign = -1.0 if higher_is_better(v.metric) else 1.0
+    low, high = (v.low, v.high) if sign > 0 else (None if v.high is None else -v.high, None if v.low is None else -v.low)
+    return dict(a=v.arm, b=v.best, metric=v.metric, seeds=v.seeds, n=len(v.seeds),
+                mean=None if v.diff is None else sign * v.diff, low=low, high=high,
+                resolved=v.verdict in (WORSE, BETTER), verdict=v.verdict, min_effect=v.min_effect,
+                resolvable=v.resolvable, seeds_needed=v.seeds_needed)
 
 
 def warn_missing_curves(runs: list[Run]) -> None:
@@ -231,17 +259,23 @@ def warn_missing_curves(runs: list[Run]) -> None:
                            run.name, run.curves_missing, SUMMARY)
 
 
-def comparisons(rows_by_arm: dict[str, list[dict]], best: str, keys: list[str]) -> list[dict[str, Any]]:
-    """Every other arm against the best, per metric, paired by seed."""
-    return [
-        paired_difference(per_seed(rows, key), per_seed(rows_by_arm[best], key), (arm, best), key).as_dict()
-        for arm, rows in rows_by_arm.items()
-        if arm != best
-        for key in keys
-    ]
+def judge_keys(rows_by_arm: dict[str, list[dict]], keys: list[str], metric: str, best: str | None,
+               min_effects: dict[str, float]) -> dict[str, KeyVerdicts]:
+    """Every key's verdicts against the ranking's best arm, each key at its share of the report's error budget
+    (verdicts.family_alphas); the intervals cover every pair, so the best being chosen from the data is allowed for."""
+    alphas = family_alphas(keys, metric)
+    tables = {key: {arm: per_seed(rows, key) for arm, rows in rows_by_arm.items()} for key in keys}
+    return {key: judge(tables[key], key, alphas[key], min_effects[key], reference=best) for key in keys}
 
 
-def build_summary(root: Path, target: float | None = None, rank_by: str | None = None) -> dict[str, Any]:
+def min_effects_of(rows: list[dict[str, Any]], keys: list[str], given: dict[str, float]) -> dict[str, float]:
+    """Each key's smallest difference that matters: the one given (--min_effect), else the runs' own measure."""
+    done = [r for r in rows if r["status"] == "complete"]
+    return {key: float(given[key]) if key in given else default_min_effect(key, done) for key in keys}
+
+
+def build_summary(root: Path, target: float | None = None, rank_by: str | None = None,
+                  min_effect: dict[str, float] | None = None) -> dict[str, Any]:
     """The summary of a comparison folder: runs, arms (ranked, with intervals), comparisons, target, command."""
     root = Path(root)
     plan = read_json(root / "plan.json")
@@ -259,10 +293,15 @@ def build_summary(root: Path, target: float | None = None, rank_by: str | None =
         row["unranked"] = unranked_reason(row, metric)
     differing = differing_settings([arm_settings(g[0].settings) for g in arms.values()])
     arm_rows = [arm_row(arm, group, rows_by_arm[arm], diff) for (arm, group), diff in zip(arms.items(), differing)]
-    ranked = rank(arm_rows, rows_by_arm, metric)
+    keys = list(dict.fromkeys(
+        [metric, *(k for r in rows for k in r if k == "val/loss" or k.startswith("val_t/"))]))
+    effects = min_effects_of(rows, keys, {**plan.get("min_effect", {}), **(min_effect or {})})
+    order = rank_arms({arm: per_seed(rows, metric) for arm, rows in rows_by_arm.items()}, metric)
+    per_key = judge_keys(rows_by_arm, keys, metric, next((e["arm"] for e in order if e["best"]), None), effects)
+    ranking = per_key[metric]
+    ranked = rank(arm_rows, rows_by_arm, order, ranking)
     tuning_runs = load_comparison(root, "tune")
     label_arms(tuning_runs)
-    keys = [metric, *dict.fromkeys(k for r in rows for k in r if k == "val/loss" or k.startswith("val_t/"))]
     best = next((row["arm"] for row in ranked if row["best"]), None)
     return dict(
         rank_by=metric,
@@ -272,7 +311,9 @@ def build_summary(root: Path, target: float | None = None, rank_by: str | None =
         target_rule=rule,
         runs=rows,
         arms=ranked,
-        comparisons=comparisons(rows_by_arm, best, list(dict.fromkeys(keys))) if best else [],
+        comparisons=[comparison(v) for key in keys for v in per_key[key].verdicts] if best else [],
+        statistics=dict(alpha=ALPHA, ranking_share=RANKING_SHARE, family=family_alphas(keys, metric),
+                        method=ranking.method, min_effect=effects, resolved_best=ranking.resolved_best),
         tuning=[run_row(r, target) for r in tuning_runs],
         command=plan.get("command"),
         chosen_lr=plan.get("chosen_lr", {}),

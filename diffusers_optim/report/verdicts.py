@@ -35,9 +35,10 @@ from diffusers_optim.metrics.keys import higher_is_better
 ALPHA = 0.05  # the chance that a report of a study with no real differences states any difference at all
 RANKING_SHARE = 0.5  # of ALPHA, for the ranking metric; the report's other keys share the rest
 
-# what each verdict claims; only WORSE and NEGLIGIBLE (and a resolved best) claim that two arms differ
-BEST, WORSE, NEGLIGIBLE, EQUIVALENT, TIED, NO_INTERVAL = (
-    "best", "worse", "negligible", "equivalent", "tied", "no interval")
+# what each verdict claims; WORSE, BETTER and NEGLIGIBLE (and a resolved best) claim that two arms differ
+BEST, WORSE, BETTER, NEGLIGIBLE, EQUIVALENT, TIED, NO_INTERVAL = (
+    "best", "worse", "better", "negligible", "equivalent", "tied", "no interval")
+DIFFERS = (WORSE, BETTER, NEGLIGIBLE)
 
 
 def family_alphas(keys: list[str], ranking: str, alpha: float = ALPHA) -> dict[str, float]:
@@ -85,8 +86,8 @@ def pair_standard_errors(values: np.ndarray) -> tuple[np.ndarray, float]:
 
 @dataclass(frozen=True)
 class Verdict:
-    """One arm against the best arm on one metric: the difference (in the metric's worse direction), its
-    simultaneous interval, and what it resolves."""
+    """One arm against the reference arm (the best, unless asked) on one metric: the difference (signed so that
+    positive is worse), its simultaneous interval, and what it resolves."""
 
     arm: str
     best: str
@@ -106,7 +107,8 @@ class Verdict:
 
 @dataclass(frozen=True)
 class KeyVerdicts:
-    """The verdicts of one metric: arms best first (by mean), the best arm, one Verdict per other arm."""
+    """The verdicts of one metric: arms best first (by mean), the best arm, one Verdict per arm other than the
+    reference (the best unless another was asked for)."""
 
     metric: str
     alpha: float
@@ -120,7 +122,7 @@ class KeyVerdicts:
     @property
     def claims(self) -> int:
         """How many statements of a difference between two arms this key makes."""
-        return sum(v.verdict in (WORSE, NEGLIGIBLE) for v in self.verdicts) + int(self.resolved_best)
+        return sum(v.verdict in DIFFERS for v in self.verdicts) + int(self.resolved_best)
 
     def of(self, arm: str) -> Verdict | None:
         return next((v for v in self.verdicts if v.arm == arm), None)
@@ -138,19 +140,23 @@ def classify(diff: float, half: float, min_effect: float) -> str:
         return EQUIVALENT
     if low > 0:
         return WORSE if diff >= min_effect else NEGLIGIBLE
+    if high < 0:
+        return BETTER if -diff >= min_effect else NEGLIGIBLE
     return TIED
 
 
 def seeds_needed(diff: float, half: float, num_seeds: int) -> int | None:
     """Seeds at which the observed difference would about fill the interval (half-width shrinks as 1/sqrt(n);
     the critical value's fall with more degrees of freedom is left out, so this errs high)."""
-    if diff <= 0 or half <= diff:
+    if diff == 0 or half <= abs(diff):
         return None
     return max(num_seeds + 1, math.ceil(num_seeds * (half / diff) ** 2))
 
 
-def judge(per_arm: dict[str, dict[int, float]], metric: str, alpha: float, min_effect: float = 0.0) -> KeyVerdicts:
-    """Every arm against the best on one metric, with simultaneous intervals at level alpha (see the module doc)."""
+def judge(per_arm: dict[str, dict[int, float]], metric: str, alpha: float, min_effect: float = 0.0,
+          reference: str | None = None) -> KeyVerdicts:
+    """Every arm against the best (or `reference`) on one metric, with simultaneous intervals at level alpha (see
+    the module doc): the intervals cover every pair at once, so any reference is as valid as the selected best."""
     sign = -1.0 if higher_is_better(metric) else 1.0
     arms, seeds, values = complete_blocks(per_arm)
     if not arms:
@@ -162,21 +168,23 @@ def judge(per_arm: dict[str, dict[int, float]], metric: str, alpha: float, min_e
         means = {a: sign * float(np.mean([v for v in per_arm[a].values() if math.isfinite(v)])) for a in arms}
     order = sorted(arms, key=lambda a: means[a])
     best = order[0]
+    ref = reference if reference in arms else best
+    others = [a for a in order if a != ref]
     if len(seeds) < 2 or len(arms) < 2:
-        verdicts = [Verdict(a, best, metric, NO_INTERVAL, sign * (means[a] - means[best]), None, None, min_effect,
-                            seeds, None, None) for a in order[1:]]
+        verdicts = [Verdict(a, ref, metric, NO_INTERVAL, means[a] - means[ref], None, None, min_effect,
+                            seeds, None, None) for a in others]
         return KeyVerdicts(metric, alpha, order, best, verdicts, False, None,
                            f"no interval: {len(seeds)} seed{'s' if len(seeds) != 1 else ''} in common")
     se, df = pair_standard_errors(signed)
     crit = tukey_critical(len(arms), df, alpha)
-    b = arms.index(best)
+    b = arms.index(ref)
     verdicts = []
-    for a in order[1:]:
+    for a in others:
         i = arms.index(a)
-        diff, half = means[a] - means[best], float(crit * se[i, b])
-        verdicts.append(Verdict(a, best, metric, classify(diff, half, min_effect), diff, diff - half, diff + half,
+        diff, half = means[a] - means[ref], float(crit * se[i, b])
+        verdicts.append(Verdict(a, ref, metric, classify(diff, half, min_effect), diff, diff - half, diff + half,
                                 min_effect, seeds, half, seeds_needed(diff, half, len(seeds))))
-    resolved_best = all(v.verdict == WORSE for v in verdicts)
+    resolved_best = ref == best and all(v.verdict == WORSE for v in verdicts)
     method = (f"two-way arm x seed, {len(seeds)} seeds, Tukey at {df:.0f} df, each SE the larger of pooled and "
               f"paired, alpha {alpha:.3g}")
     return KeyVerdicts(metric, alpha, order, best, verdicts, resolved_best, df, method)
@@ -188,3 +196,16 @@ def judge_report(per_key: dict[str, dict[str, dict[int, float]]], ranking: str,
     alphas = family_alphas(list(per_key), ranking, alpha)
     effects = min_effects or {}
     return {key: judge(table, key, alphas[key], effects.get(key, 0.0)) for key, table in per_key.items()}
+
+
+def default_min_effect(key: str, rows: list[dict]) -> float:
+    """The smallest difference that matters when none is given, measured by the runs themselves: for val/loss and
+    val_t/* the standard error of their own estimate (held-out images, frozen noise), for eval/fd its spread over
+    independent draws of real images at the same sample count (eval_floor/fd_sd); 0 (any resolved difference)
+    for a metric with neither."""
+    from diffusers_optim.metrics.keys import se_key
+
+    source = "eval_floor/fd_sd" if key == "eval/fd" else se_key(key) if key.startswith(("val/", "val_t/")) else None
+    values = [float(r[source]) for r in rows if source and isinstance(r.get(source), (int, float))
+              and math.isfinite(r[source])]
+    return float(np.mean(values)) if values else 0.0

@@ -206,20 +206,29 @@ def test_recommendation_from_the_summary_statistics():
 
     summary = {
         "rank_by": "eval/fd", "higher_is_better": False,
-        "arms": [arm("adamw", 0.6, 0.197, best=True), arm("adam", 0.61, 0.198, tied=True),
-                 arm("prodigy", 0.74, 0.195, tied=False)],
+        "arms": [arm("adamw", 0.6, 0.197, best=True, verdict="best", **{"optim/state_bytes_per_param": 8.0}),
+                 arm("adam", 0.61, 0.198, tied=True, verdict="tied", **{"optim/state_bytes_per_param": 8.0,
+                                                                     "perf/images_per_sec": 1500.0}),
+                 arm("prodigy", 0.74, 0.195, tied=False, verdict="worse")],
         "comparisons": [diff("adam", "val_t/000-249", 0.001, False), diff("prodigy", "val_t/000-249", 0.01, True),
                         diff("prodigy", "val_t/750-999", -0.004, True), diff("prodigy", "eval/fd", 0.14, True),
                         diff("prodigy", "val_t/250-499", 0.02, True), diff("adam", "val_t/250-499", 0.01, True),
                         diff("prodigy", "val_t/500-749", 0.01, True)],
     }
     pick, buckets, disagree = recommendation(summary)  # what is unresolved: the findings section, right below
-    assert pick == "Pick adamw: the best eval/fd (0.600 ± 0.050; lower is better), ahead of adam (0.610 ± 0.050)."
+    # adam is not resolved from adamw: no pick, the tied set is named and the choice in it made on cost
+    assert pick == ("No single pick on eval/fd: adamw and adam are not resolved apart by a difference that matters. "
+                    "Among them adam costs least (8 B/param of optimizer state, 1500 img/s); adamw has the lowest "
+                    "mean (0.600 ± 0.050).")
     # buckets where the same arms are beaten share one clause, in timestep order
     assert buckets == ("By timestep bucket, adamw has lower validation loss than prodigy at t 000-249 and t 500-749; lower "
                        "validation loss than prodigy, adam at t 250-499; higher than prodigy at t 750-999 "
-                       "(differences resolved over seeds).")
+                       "(resolved over seeds by at least each bucket's smallest difference that matters).")
     assert disagree.startswith("Loss and sample quality disagree: prodigy has the best val/loss (0.195)")
+    summary["statistics"] = {"resolved_best": True, "min_effect": {"eval/fd": 0.058}}
+    assert recommendation(summary)[0] == ("Pick adamw: the best eval/fd (0.600 ± 0.050; lower is better), resolved "
+                                          "ahead of every other arm by at least 0.058, the smallest difference that "
+                                          "matters.")
     del summary["comparisons"]
     unresolved = recommendation(summary)[-1]  # a summary without paired comparisons: said here
     assert unresolved.startswith("Not resolved from adamw on eval/fd") and unresolved.count("adam") == 2
@@ -229,7 +238,7 @@ def test_recommendation_with_one_seed_says_nothing_is_resolved(three_arms: Path)
     paths = report.summarize(three_arms)
     text = paths["report_md"].read_text()
     first = text.split("## ", 2)[1]
-    assert first.startswith("Recommendation") and "Pick adam" in first  # adam and adamw tie: plan order decides
+    assert first.startswith("Recommendation") and "No pick: one seed per arm gives no interval" in first
     assert "By timestep bucket (means, not resolved)" in first
     assert "one seed per arm" in text.split("## ", 3)[2]  # the findings, right after the recommendation
 
