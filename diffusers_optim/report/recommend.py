@@ -47,23 +47,23 @@ def bucket_verdicts(summary: dict[str, Any], best: str) -> tuple[dict[str, list[
     return wins, losses
 
 
-def cost_text(row: dict[str, Any]) -> str:
-    """`4.0 B/param of optimizer state, 1520 img/s` from what the arm's runs measured."""
-    parts = []
-    if is_number(row.get("optim/state_bytes_per_param")):
-        parts.append(f"{sig(row['optim/state_bytes_per_param'], 2)} B/param of optimizer state")
-    if is_number(row.get("perf/images_per_sec")):
-        parts.append(f"{sig(row['perf/images_per_sec'], 3)} img/s")
-    return ", ".join(parts) or "no cost measured"
+STATE = "optim/state_bytes_per_param"
+COST_GAP = 0.9  # an arm "costs less" with at most this share of the others' optimizer-state memory
 
 
-def cheapest(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The arm that costs least: the least optimizer-state memory, then the most images per second."""
-    def cost(row: dict[str, Any]) -> tuple[float, float]:
-        state, speed = row.get("optim/state_bytes_per_param"), row.get("perf/images_per_sec")
-        return (state if is_number(state) else float("inf"), -(speed if is_number(speed) else 0.0))
-
-    return min(rows, key=cost)
+def cost_sentence(group: list[dict[str, Any]], best: dict[str, Any], extreme: str, metric: str) -> str:
+    """The choice inside a set the data cannot split, on optimizer-state memory (measured per parameter, the same on
+    any machine; images/s depends on the machine's load, so it decides nothing here)."""
+    mean = f"{name(best)} has the {extreme} mean ({value_text(best, metric)})"
+    states = {name(r): r[STATE] for r in group if is_number(r.get(STATE))}
+    if len(states) < len(group):
+        return f"Choose among them on what else matters to you; {mean}."
+    least = min(states, key=states.get)
+    rest = [v for k, v in states.items() if k != least]
+    if states[least] <= COST_GAP * min(rest):
+        return (f"Among them {least} needs the least optimizer-state memory ({sig(states[least], 2)} B/param against "
+                f"{sig(min(rest), 2)}+); {mean}.")
+    return f"They need about the same optimizer-state memory ({sig(states[least], 2)} B/param): any will do; {mean}."
 
 
 def contenders(arms: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -90,14 +90,12 @@ def pick_sentence(summary: dict[str, Any], arms: list[dict[str, Any]]) -> str:
         return (f"No pick: one seed per arm gives no interval, so the order may be noise ({name(best)} has the "
                 f"{extreme} {metric}, {value_text(best, metric)}); rerun with --seeds 0 1 2.")
     group = contenders(arms)
-    choice = cheapest(group)
     equivalent = [name(r) for r in group if r.get("verdict") in ("equivalent", "negligible")]
     text = (f"No single pick on {metric}: {and_list([name(r) for r in group])} are not resolved apart by a "
             "difference that matters")
     if equivalent:
         text += f" ({and_list(equivalent)} {'is' if len(equivalent) == 1 else 'are'} within it of {name(best)})"
-    return text + (f". Among them {name(choice)} costs least ({cost_text(choice)}); "
-                   f"{name(best)} has the {extreme} mean ({value_text(best, metric)}).")
+    return f"{text}. {cost_sentence(group, best, extreme, metric)}"
 
 
 def bucket_means_sentence(arms: list[dict[str, Any]]) -> str | None:

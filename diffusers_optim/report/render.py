@@ -326,9 +326,12 @@ def findings(summary: dict[str, Any]) -> list[str]:
             continue
         text = f"{arm} vs {best}: {metric} " + verdict_text(head or {})
         resolved = [f"{d['metric']} {diff_text(d)}" for d in rest if d["resolved"]]
-        if rest:
-            others = "other metrics" if resolved else ", ".join(d["metric"] for d in rest)
-            text += "; " + "; ".join([*resolved, f"{others} not resolved"])
+        equivalent = [d["metric"] for d in rest if d.get("verdict") == "equivalent"]
+        open_ = [d["metric"] for d in rest if not d["resolved"] and d.get("verdict") != "equivalent"]
+        parts = [*resolved, *([f"equivalent on {', '.join(equivalent)}"] if equivalent else []),
+                 *([f"{', '.join(open_)} not resolved"] if open_ else [])]
+        if parts:
+            text += "; " + "; ".join(parts)
         lines.append(text + ".")
     tied = [r["arm"] for r in arms if r.get("tied")]
     if tied:

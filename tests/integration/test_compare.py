@@ -253,3 +253,32 @@ def test_summarize_without_the_best_runs_metrics_ranks_it_from_its_run_summary(t
     assert [(a["arm"], a["rank"], a["unranked"]) for a in after["arms"]] == \
         [(best, 1, None), (before["arms"][1]["arm"], None, "run incomplete")]
     assert f"is not ranked on {metric}: run incomplete." in (out / "report.md").read_text()
+
+
+def test_arms_that_differ_by_nothing_that_matters_resolve_no_win_and_get_no_pick(tmp_path, monkeypatch):
+    """Two adam arms whose eps differs by 10% (1e-8 vs 1.1e-8: the runs differ in the 7th digit), 3 seeds, through
+    the real CLI: the paired seeds make the tiny difference precise, which the report used to call a resolved win
+    ("Pick ..."). Now nothing is resolved as a win, val/loss is resolved equivalent (inside its own standard error),
+    and the recommendation names both arms instead of one."""
+    from functools import partial
+
+    from test_readme_commands import in_process
+
+    from diffusers_optim import cli, compare
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.setattr(compare, "run_comparison", partial(compare.run_comparison, launcher=in_process))
+    out = tmp_path / "eps"
+    specs = ["adam:lr=1e-3,eps=1e-8", "adam:lr=1e-3,eps=1.1e-8"]
+    assert cli.main(["compare", "--optimizers", *specs, "--seeds", "0", "1", "2", "--output_dir", str(out),
+                     *TRAIN_FLAGS]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    stats = summary["statistics"]
+    assert not stats["resolved_best"] and summary["arms"][1]["verdict"] == "equivalent"
+    assert not any(c["resolved"] for c in summary["comparisons"])  # no key shows a win by a difference that matters
+    val = next(c for c in summary["comparisons"] if c["metric"] == "val/loss")
+    assert val["verdict"] == "equivalent" and abs(val["mean"]) < stats["min_effect"]["val/loss"]
+    assert sum(stats["family"].values()) == pytest.approx(0.05)
+    report = (out / "report.md").read_text()
+    assert "No single pick on eval/fd" in report and "Pick adam" not in report
+    assert "equivalent: within ±" in report and "equivalent on val/loss" in report

@@ -218,8 +218,12 @@ def test_recommendation_from_the_summary_statistics():
     pick, buckets, disagree = recommendation(summary)  # what is unresolved: the findings section, right below
     # adam is not resolved from adamw: no pick, the tied set is named and the choice in it made on cost
     assert pick == ("No single pick on eval/fd: adamw and adam are not resolved apart by a difference that matters. "
-                    "Among them adam costs least (8 B/param of optimizer state, 1500 img/s); adamw has the lowest "
+                    "They need about the same optimizer-state memory (8 B/param): any will do; adamw has the lowest "
                     "mean (0.600 ± 0.050).")
+    summary["arms"][1]["optim/state_bytes_per_param"] = 4.0  # as lion's: half of Adam's
+    assert recommendation(summary)[0].endswith("Among them adam needs the least optimizer-state memory (4 B/param "
+                                               "against 8+); adamw has the lowest mean (0.600 ± 0.050).")
+    summary["arms"][1]["optim/state_bytes_per_param"] = 8.0
     # buckets where the same arms are beaten share one clause, in timestep order
     assert buckets == ("By timestep bucket, adamw has lower validation loss than prodigy at t 000-249 and t 500-749; lower "
                        "validation loss than prodigy, adam at t 250-499; higher than prodigy at t 750-999 "
