@@ -48,6 +48,7 @@ from diffusers_optim.live import ProgressBoard, final_lines, live_view
 from diffusers_optim.optim.args import split_top_level
 from diffusers_optim.ray_backend import RaySettings, add_ray_flags, connected, free_port, resolve_backend
 from diffusers_optim.report import last_value, read_json, read_metrics, summarize
+from diffusers_optim.report.verdicts import MIN_EFFECT_HELP, parse_min_effects
 
 logger = logging.getLogger(__name__)
 
@@ -717,6 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Metric to rank arms on, with intervals over seeds (default: eval/fd when logged, else val/loss).",
     )
+    parser.add_argument("--min_effect", nargs="*", default=None, metavar="METRIC=VALUE", help=MIN_EFFECT_HELP)
     parser.add_argument(
         "--run_group", default=None, help="W&B group of every run (default: the folder's name)."
     )
@@ -754,6 +756,7 @@ class Comparison:
     target: float | None
     rank_by: str | None
     overwrite: bool
+    min_effect: dict[str, float]
     command: str
     num_parallel: int = 1
     progress_every: float | None = None
@@ -802,6 +805,7 @@ def parse_comparison(argv: list[str]) -> Comparison:
         target=args.target_val_loss,
         rank_by=args.rank_by,
         overwrite=args.overwrite,
+        min_effect=parse_min_effects(args.min_effect),
         command=command,
         secrets=secrets,
         num_parallel=args.num_parallel or 1,
@@ -826,6 +830,7 @@ def plan_and_train(cmp: Comparison, launcher: Launcher) -> dict[str, Path]:
         seeds=cmp.seeds,
         grid=cmp.grids,
         rank_by=cmp.rank_by,
+        min_effect=cmp.min_effect,
         lr_grid=cmp.grid,
         train_args=cmp.common,
         run_group=cmp.group,
@@ -854,7 +859,7 @@ def plan_and_train(cmp: Comparison, launcher: Launcher) -> dict[str, Path]:
     check_reusable(final, cmp.root, cmp.overwrite)
     link_tuned_runs(final, tune, cmp.root)
     execute(final, cmp.root, launcher, cmp.accelerate_config, cmp.num_parallel, cmp.progress_every, cmp.ray)
-    return summarize(cmp.root, cmp.target, cmp.rank_by)
+    return summarize(cmp.root, cmp.target, cmp.rank_by)  # plan.json carries --min_effect
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from diffusers_optim.report.summary import (
     label_arms,
     write_summary,
 )
+from diffusers_optim.report.verdicts import MIN_EFFECT_HELP, parse_min_effects
 
 __all__ = [
     "build_summary",
@@ -37,12 +38,13 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def summarize(root: str | Path, target: float | None = None, rank_by: str | None = None) -> dict[str, Path]:
+def summarize(root: str | Path, target: float | None = None, rank_by: str | None = None,
+              min_effect: dict[str, float] | None = None) -> dict[str, Path]:
     """Rebuild summary.json/csv, report.html and report.md of a comparison folder; returns their paths."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"comparison folder not found: {root}")
-    summary = build_summary(root, target, rank_by)
+    summary = build_summary(root, target, rank_by, min_effect)
     json_path, csv_path = write_summary(summary, root)
     runs = load_comparison(root, "final")
     label_arms(runs)
@@ -69,9 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="Metric to rank arms on (default: the comparison's, else eval/fd when logged, else val/loss).",
     )
+    parser.add_argument("--min_effect", nargs="*", default=None, metavar="METRIC=VALUE", help=MIN_EFFECT_HELP)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    paths = summarize(args.output_dir, args.target_val_loss, args.rank_by)
+    paths = summarize(args.output_dir, args.target_val_loss, args.rank_by, parse_min_effects(args.min_effect))
     for name, path in paths.items():
         logger.info("%-12s %s", name, path)
     logger.info("\n%s", print_ranking(Path(args.output_dir)))

@@ -80,7 +80,7 @@ def pick_sentence(summary: dict[str, Any], arms: list[dict[str, Any]]) -> str:
     stats = summary.get("statistics") or {}
     effect = (stats.get("min_effect") or {}).get(metric) or 0.0
     if len(arms) == 1:
-        return f"{name(best)} is the only arm ({metric} {value_text(best, metric)})."
+        return f"{name(best)} is the only arm with a finished run ({metric} {value_text(best, metric)})."
     if stats.get("resolved_best"):
         margin = f" by at least {sig(effect, 2)}, the smallest difference that matters" if effect else ""
         return (f"Pick {name(best)}: the best {metric} ({value_text(best, metric)}; {direction} is better), "

@@ -170,10 +170,13 @@ def judge(per_arm: dict[str, dict[int, float]], metric: str, alpha: float, min_e
     best = order[0]
     ref = reference if reference in arms else best
     others = [a for a in order if a != ref]
+    # an arm without a value (no run finished) is said so, never left out in silence
+    empty = [Verdict(a, ref, metric, NO_INTERVAL, None, None, None, min_effect, [], None, None)
+             for a in per_arm if a not in arms]
     if len(seeds) < 2 or len(arms) < 2:
         verdicts = [Verdict(a, ref, metric, NO_INTERVAL, means[a] - means[ref], None, None, min_effect,
                             seeds, None, None) for a in others]
-        return KeyVerdicts(metric, alpha, order, best, verdicts, False, None,
+        return KeyVerdicts(metric, alpha, order, best, verdicts + empty, False, None,
                            f"no interval: {len(seeds)} seed{'s' if len(seeds) != 1 else ''} in common")
     se, df = pair_standard_errors(signed)
     crit = tukey_critical(len(arms), df, alpha)
@@ -184,7 +187,8 @@ def judge(per_arm: dict[str, dict[int, float]], metric: str, alpha: float, min_e
         diff, half = means[a] - means[ref], float(crit * se[i, b])
         verdicts.append(Verdict(a, ref, metric, classify(diff, half, min_effect), diff, diff - half, diff + half,
                                 min_effect, seeds, half, seeds_needed(diff, half, len(seeds))))
-    resolved_best = ref == best and all(v.verdict == WORSE for v in verdicts)
+    resolved_best = ref == best and all(v.verdict == WORSE for v in verdicts)  # of the arms with a value
+    verdicts += empty
     method = (f"two-way arm x seed, {len(seeds)} seeds, Tukey at {df:.0f} df, each SE the larger of pooled and "
               f"paired, alpha {alpha:.3g}")
     return KeyVerdicts(metric, alpha, order, best, verdicts, resolved_best, df, method)
@@ -209,3 +213,25 @@ def default_min_effect(key: str, rows: list[dict]) -> float:
     values = [float(r[source]) for r in rows if source and isinstance(r.get(source), (int, float))
               and math.isfinite(r[source])]
     return float(np.mean(values)) if values else 0.0
+
+
+def parse_min_effects(items: list[str] | None) -> dict[str, float]:
+    """--min_effect eval/fd=0.05 val/loss=0.001: {metric: smallest difference that matters}; one-line errors."""
+    from diffusers_optim.errors import UserError
+
+    effects = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        try:
+            number = float(value) if sep and key else None
+        except ValueError:
+            number = None
+        if number is None or not math.isfinite(number) or number < 0:
+            raise UserError(f"--min_effect {item}: expected METRIC=VALUE with VALUE >= 0 (e.g. eval/fd=0.05)")
+        effects[key] = number
+    return effects
+
+
+MIN_EFFECT_HELP = ("Smallest difference that matters, per metric (METRIC=VALUE ...): resolved differences below it "
+                   "are no win. Default: val/loss and val_t/* their own standard error, eval/fd its spread over "
+                   "draws of real images at the same sample count, other metrics 0.")

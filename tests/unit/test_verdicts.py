@@ -164,3 +164,14 @@ def test_power_of_the_pooled_analysis_beside_unpooled_and_todays(capsys):
             print(f"  K={k} n={n}  {ours:6.3f} {unpooled:6.3f} {today:6.3f}")
     assert all(ours >= unpooled for _, _, ours, unpooled, _ in rows), rows
     assert rows[-1][2] > 0.3  # 6 arms, 5 seeds, a 3-sigma effect: found in about half the studies (0.475 measured)
+
+
+def test_min_effect_flags_are_parsed_or_refused_in_one_line():
+    from diffusers_optim.errors import UserError
+    from diffusers_optim.report.verdicts import parse_min_effects
+
+    assert parse_min_effects(["eval/fd=0.05", "val/loss=1e-3"]) == {"eval/fd": 0.05, "val/loss": 0.001}
+    assert parse_min_effects(None) == {}
+    for bad in ("eval/fd", "eval/fd=x", "=0.1", "val/loss=-1", "val/loss=nan"):
+        with pytest.raises(UserError, match="expected METRIC=VALUE"):
+            parse_min_effects([bad])
