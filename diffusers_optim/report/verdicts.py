@@ -63,24 +63,27 @@ def tukey_critical(num_arms: int, df: float, alpha: float) -> float:
 
 def complete_blocks(per_arm: dict[str, dict[int, float]]) -> tuple[list[str], list[int], np.ndarray]:
     """(arms, seeds, values K x n): the arms with a finite value, on the seeds every one of them has."""
-    finite = {arm: {s: v for s, v in vals.items() if math.isfinite(v)} for arm, vals in per_arm.items()}
+    finite = {arm: vals if all(map(math.isfinite, vals.values())) else
+              {s: v for s, v in vals.items() if math.isfinite(v)} for arm, vals in per_arm.items()}
     arms = [arm for arm, vals in finite.items() if vals]
     seeds = sorted(set.intersection(*(set(finite[a]) for a in arms))) if arms else []
     values = np.array([[finite[a][s] for s in seeds] for a in arms], dtype=float).reshape(len(arms), len(seeds))
     return arms, seeds, values
 
 
-def pair_standard_errors(values: np.ndarray) -> tuple[np.ndarray, float]:
+def pair_standard_errors(values: np.ndarray, row_means: np.ndarray) -> tuple[np.ndarray, float]:
     """(K x K standard errors of the differences of arm means, pooled degrees of freedom) for a K x n layout.
 
     Each entry is the larger of the pooled two-way one, sqrt(2 s^2 / n), and the pair's own, sd(y_i - y_j) / sqrt(n).
     """
     k, n = values.shape
-    residual = values - values.mean(1, keepdims=True) - values.mean(0, keepdims=True) + values.mean()
+    col_means = values.sum(axis=0) / k
+    residual = values - row_means[:, None] - col_means[None, :] + col_means.sum() / n
     df = (k - 1) * (n - 1)
-    pooled = math.sqrt(2 * float((residual ** 2).sum()) / df / n)
+    pooled = math.sqrt(2 * float(np.einsum("ij,ij->", residual, residual)) / df / n)
     diffs = values[:, None, :] - values[None, :, :]
-    own = diffs.std(axis=2, ddof=1) / math.sqrt(n)
+    centred = diffs - (row_means[:, None] - row_means[None, :])[:, :, None]
+    own = np.sqrt(np.einsum("ijk,ijk->ij", centred, centred) / (n - 1) / n)
     return np.maximum(own, pooled), float(df)
 
 
@@ -162,8 +165,9 @@ def judge(per_arm: dict[str, dict[int, float]], metric: str, alpha: float, min_e
     if not arms:
         return KeyVerdicts(metric, alpha, [], None, [], False, None, "no values")
     signed = sign * values
+    row_means = signed.sum(axis=1) / max(len(seeds), 1)
     if seeds:  # the arms' means on the seeds they share, so the order and the differences agree
-        means = dict(zip(arms, signed.mean(axis=1).tolist()))
+        means = dict(zip(arms, row_means.tolist()))
     else:
         means = {a: sign * float(np.mean([v for v in per_arm[a].values() if math.isfinite(v)])) for a in arms}
     order = sorted(arms, key=lambda a: means[a])
@@ -178,7 +182,7 @@ def judge(per_arm: dict[str, dict[int, float]], metric: str, alpha: float, min_e
                             seeds, None, None) for a in others]
         return KeyVerdicts(metric, alpha, order, best, verdicts + empty, False, None,
                            f"no interval: {len(seeds)} seed{'s' if len(seeds) != 1 else ''} in common")
-    se, df = pair_standard_errors(signed)
+    se, df = pair_standard_errors(signed, row_means)
     crit = tukey_critical(len(arms), df, alpha)
     b = arms.index(ref)
     verdicts = []

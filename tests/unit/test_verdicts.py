@@ -81,16 +81,18 @@ def simulate(rng, k: int, n: int, spreads, diverge: bool = False, effect: float 
     """One study: {key: {arm: {seed: value}}}. A seed effect shared by every arm (data order, noise, init), noise
     correlated across the keys (metrics and buckets of one run move together), per-arm spreads; optionally arm 0
     better by `effect` on every key, or arm 1 diverging on seed 0."""
-    m = len(KEYS)
-    corr = np.full((m, m), 0.7) + 0.3 * np.eye(m)
-    seed_effect = rng.normal(0, 3, (n, 1)) * np.ones((1, m))
-    noise = rng.multivariate_normal(np.zeros(m), corr, size=(k, n)) * np.asarray(spreads)[:, None, None]
-    values = 10 + seed_effect[None] + noise
+    seed_effect = rng.normal(0, 3, (1, n, 1))
+    noise = rng.standard_normal((k, n, len(KEYS))) @ CORRELATE * np.asarray(spreads)[:, None, None]
+    values = 10 + seed_effect + noise
     values[1:] += effect
     if diverge:
         values[1, 0] += 20
-    return {key: {f"arm{a}": {s: float(values[a, s, j]) for s in range(n)} for a in range(k)}
-            for j, key in enumerate(KEYS)}
+    by_key = values.transpose(2, 0, 1).tolist()
+    return {key: {f"arm{a}": dict(enumerate(by_key[j][a])) for a in range(k)} for j, key in enumerate(KEYS)}
+
+
+# noise with correlation 0.7 between any two keys: standard normals times the Cholesky factor's transpose
+CORRELATE = np.linalg.cholesky(np.full((len(KEYS), len(KEYS)), 0.7) + 0.3 * np.eye(len(KEYS))).T
 
 
 SCENARIOS = {"equal spreads": (lambda k: [1.0] * k, False),
