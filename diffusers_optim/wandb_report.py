@@ -102,9 +102,10 @@ def build_report(
     num_train_timesteps: int = TrainConfig.ddpm_num_steps,
     num_buckets: int = TrainConfig.num_timestep_buckets,
     group_by: list[str] | None = None,
+    verdicts: list[str] | None = None,
 ):
     """The report object: one runset filtered to the group and grouped by arm (default: by optimizer), and its
-    panels."""
+    panels; with `verdicts` (the local report's recommendation and how it was reached), those sentences first."""
     wr = import_reports()
     val_keys = bucket_keys(num_train_timesteps, num_buckets, "val_t")
     train_keys = bucket_keys(num_train_timesteps, num_buckets, "loss_t")
@@ -134,6 +135,7 @@ def build_report(
             f"(grouped by {', '.join(k.removeprefix('config.') for k in group_by or [GROUP_BY])}; mean over seeds, "
             f"min-max band). Made by diffusers-optim."
         ),
+        *([wr.H2("Verdicts"), *(wr.P(line) for line in verdicts)] if verdicts else []),
         wr.H2("Validation loss, gradient norm, learning rate"),
         grid(overview),
         wr.H2("Validation loss by timestep bucket"),
@@ -192,6 +194,20 @@ def read_plan(root: Path) -> dict:
     return rundir.read_json(path)
 
 
+def comparison_verdicts(root: Path) -> list[str] | None:
+    """The comparison's verdicts, word for word as report.html/md states them (from its summary.json), so the W&B
+    report and the local one never disagree; None before the comparison has a summary."""
+    from diffusers_optim import rundir
+    from diffusers_optim.report.recommend import recommendation
+    from diffusers_optim.report.render import statistics_line
+
+    path = root / rundir.SUMMARY_JSON
+    if not path.is_file():
+        return None
+    summary = rundir.read_json(path)
+    return [*recommendation(summary), *filter(None, [statistics_line(summary)])]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffusers-optim report", description=__doc__.splitlines()[0])
     parser.add_argument("--entity", required=True, help="W&B entity (team or user).")
@@ -216,14 +232,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    group, group_by = args.group, None
+    group, group_by, verdicts = args.group, None, None
     if args.comparison:
         plan = read_plan(Path(args.comparison))
         group, group_by = group or plan.get("run_group"), arm_grouping(plan)
+        verdicts = comparison_verdicts(Path(args.comparison))
     if not group:
         parser.error("--group is required (or --comparison DIR, whose plan.json names it)")
     report = build_report(
-        args.entity, args.project, group, args.title, args.ddpm_num_steps, args.num_timestep_buckets, group_by
+        args.entity, args.project, group, args.title, args.ddpm_num_steps, args.num_timestep_buckets, group_by,
+        verdicts,
     )
     if args.dry_run:
         path = Path(args.dry_run)

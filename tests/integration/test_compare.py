@@ -282,3 +282,12 @@ def test_arms_that_differ_by_nothing_that_matters_resolve_no_win_and_get_no_pick
     report = (out / "report.md").read_text()
     assert "No single pick on eval/fd" in report and "Pick adam" not in report
     assert "equivalent: within ±" in report and "equivalent on val/loss" in report
+    # the W&B report states the same verdicts, word for word
+    from diffusers_optim import wandb_report
+
+    spec_path = tmp_path / "wandb_report.json"
+    assert wandb_report.main(["--entity", "e", "--project", "p", "--comparison", str(out), "--dry-run",
+                              str(spec_path)]) == 0
+    spec = spec_path.read_text()
+    first = report.split("## Recommendation\n\n", 1)[1].split("\n", 1)[0]
+    assert first.startswith("No single pick") and json.dumps(first)[1:-1] in spec
