@@ -260,6 +260,13 @@ def _plain_lines(board: ProgressBoard, every: float) -> Iterator[None]:
 # ---- the end of a comparison ---------------------------------------------------------------------
 
 
+# what each verdict against the best means, in the terminal's ranking (report.verdicts)
+VERDICT_NOTES = {"tied": "  (tied with the best: difference not resolved)",
+                 "equivalent": "  (equivalent to the best: within the smallest difference that matters)",
+                 "negligible": "  (resolved from the best, but by less than the smallest difference that matters)",
+                 "no interval": "  (no interval: fewer than 2 seeds)"}
+
+
 def final_lines(summary: dict[str, Any], report_path: Path) -> str:
     """A compact ranking for the terminal (arm, primary metric with its 95% interval, tied marks) and the report's path."""
     metric = summary.get("rank_by") or "val/loss"
@@ -274,8 +281,7 @@ def final_lines(summary: dict[str, Any], report_path: Path) -> str:
         if _finite(low) and _finite(high):
             cell += f" ± {sig((high - low) / 2, 2)}"
         note = "" if row.get("status") == "complete" else f"  {str(row.get('status', '')).upper()}"
-        if row.get("tied"):
-            note += "  (tied with the best: difference not resolved)"
+        note += VERDICT_NOTES.get(row.get("verdict") or ("tied" if row.get("tied") else ""), "")
         if row.get("unranked"):
             note += f"  (not ranked: {row['unranked']})"
         lines.append(f"  {row.get('rank') or '-':>2}  {str(row.get('arm')):<{width}}  {cell}"

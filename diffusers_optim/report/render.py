@@ -210,7 +210,7 @@ def ranking_table(summary: dict[str, Any]) -> Table:
     others = [k for k in ("val/loss", "train/loss", "eval/fd") if k != metric]
     memory_key, memory_head = memory_column(summary["arms"])
     costs = ["perf/images_per_sec", memory_key, "optim/state_bytes_per_param", "nonfinite_steps", "loss_spikes"]
-    head = ["rank", "arm", "lr", "seeds ok", metric, "vs best (paired)", "verdict", *others]
+    head = ["rank", "arm", "lr", "seeds ok", metric, "vs best (simultaneous)", "verdict", *others]
     head += [
         "steps to target",
         "s to target",
