@@ -165,7 +165,7 @@ def test_power_of_the_pooled_analysis_beside_unpooled_and_todays(capsys):
         for k, n, ours, unpooled, today in rows:
             print(f"  K={k} n={n}  {ours:6.3f} {unpooled:6.3f} {today:6.3f}")
     assert all(ours >= unpooled for _, _, ours, unpooled, _ in rows), rows
-    assert rows[-1][2] > 0.3  # 6 arms, 5 seeds, a 3-sigma effect: found in about half the studies (0.475 measured)
+    assert rows[-1][2] > 0.3  # 6 arms, 5 seeds, a 3-sigma effect: found in about half the studies (0.486 measured)
 
 
 def test_min_effect_flags_are_parsed_or_refused_in_one_line():
