@@ -58,12 +58,14 @@ def cost_sentence(group: list[dict[str, Any]], best: dict[str, Any], extreme: st
     states = {name(r): r[STATE] for r in group if is_number(r.get(STATE))}
     if len(states) < len(group):
         return f"Choose among them on what else matters to you; {mean}."
-    least = min(states, key=states.get)
-    rest = [v for k, v in states.items() if k != least]
-    if states[least] <= COST_GAP * min(rest):
-        return (f"Among them {least} needs the least optimizer-state memory ({sig(states[least], 2)} B/param against "
-                f"{sig(min(rest), 2)}+); {mean}.")
-    return f"They need about the same optimizer-state memory ({sig(states[least], 2)} B/param): any will do; {mean}."
+    least = min(states.values())
+    cheap = [k for k, v in states.items() if v * COST_GAP <= least]  # within 10% of the least
+    if len(cheap) == len(states):
+        return f"They need about the same optimizer-state memory ({sig(least, 2)} B/param): any will do; {mean}."
+    dearer = min(v for k, v in states.items() if k not in cheap)
+    who = f"{cheap[0]} needs" if len(cheap) == 1 else f"{and_list(cheap)} need"
+    return (f"Among them {who} the least optimizer-state memory ({sig(least, 2)} B/param against {sig(dearer, 2)}+); "
+            f"{mean}.")
 
 
 def contenders(arms: list[dict[str, Any]]) -> list[dict[str, Any]]:
