@@ -7,13 +7,15 @@ PIP := $(PYTHON) -m pip
 # A CPU build of torch installs in seconds; a bare `torch` requirement would pull several GB of CUDA wheels.
 # An already installed torch (e.g. a CUDA build on a GPU machine) is kept.
 TORCH_SPEC ?= torch==2.13.0
-# Every other package at the exact release CI tested (see constraints.txt); `make install LOCK=` resolves afresh.
-LOCK ?= constraints.txt
+# Every other package at the exact release CI tested (see constraints.txt, resolved on CPython 3.11: another Python
+# resolves afresh, as `make install LOCK=` does anywhere).
+LOCK ?= $(shell $(PYTHON) -c 'import sys; print("constraints.txt" if sys.version_info[:2] == (3, 11) else "")')
 DEMO_DIR ?= outputs/demo
 
 .PHONY: install lock demo study test lint bench clean
 
 install:
+	@test -n "$(LOCK)" || echo "note: installing without a lock (constraints.txt is resolved for CPython 3.11): the newest releases"
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --quiet $(if $(LOCK),--constraint $(LOCK)) -e ".[test]"
 

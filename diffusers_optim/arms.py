@@ -170,6 +170,18 @@ def arm_slug(name: str) -> str:
 
 
 def arm_slugs(names: list[str]) -> list[str]:
-    """The arms' folder prefixes, derived from their names; two names that slug alike get -2, -3, ..."""
+    """The arms' folder prefixes, derived from their names; names that slug alike get -1, -2, ..., each suffix
+    checked against every slug already taken (["a", "a", "a-2"] must not give "a-2" twice: one folder, two arms)."""
     slugs = [arm_slug(n) for n in names]
-    return [s if slugs.count(s) == 1 else f"{s}-{slugs[:i + 1].count(s)}" for i, s in enumerate(slugs)]
+    taken = {s for s in slugs if slugs.count(s) == 1}
+    out = []
+    for s in slugs:
+        if slugs.count(s) == 1:
+            out.append(s)
+            continue
+        k = 1
+        while f"{s}-{k}" in taken:
+            k += 1
+        taken.add(f"{s}-{k}")
+        out.append(f"{s}-{k}")
+    return out

@@ -83,8 +83,16 @@ def launcher() -> str | None:
         argv = psutil.Process(os.getppid()).cmdline()
     except (psutil.Error, OSError):
         return None
-    names = [os.path.basename(arg) for arg in argv[:3]]  # `accelerate launch` or `python -m accelerate... launch`
-    return "accelerate" if "launch" in argv and any(name.startswith("accelerate") for name in names) else None
+    return "accelerate" if is_accelerate_launch(argv) else None
+
+
+def is_accelerate_launch(argv: list[str]) -> bool:
+    """`accelerate launch ...`, `accelerate-launch ...`, `python -m accelerate.commands.launch ...` or
+    `python -m accelerate.commands.accelerate_cli launch ...`, as a process's command line."""
+    head = [os.path.basename(arg) for arg in argv[:3]]
+    if "accelerate-launch" in head or "accelerate.commands.launch" in head:
+        return True
+    return "launch" in argv[1:4] and any(name in ("accelerate", "accelerate.commands.accelerate_cli") for name in head)
 
 
 def slow_save_warning(save_s: float, started_by: str | None) -> str | None:
@@ -98,36 +106,18 @@ def slow_save_warning(save_s: float, started_by: str | None) -> str | None:
             "start one-process runs with `python SCRIPT FLAGS` (the same run) to keep Ctrl-C's checkpoint")
 
 
-# A data worker outlives a SIGTERM by this much (or until its training process is gone): longer than accelerate's
-# one-process launcher waits before its SIGKILL, short enough that a process tearing down a live loader at exit
-# (multiprocessing terminates and then joins its daemonic children) is not held long.
-WORKER_TERM_DELAY_S = SIMPLE_LAUNCHER_GRACE_S + 1.0
-
-
 def shelter_data_worker(worker_id: int) -> None:
     """DataLoader `worker_init_fn`: a stop is the training process's to handle, not its data workers'.
 
-    Ctrl-C reaches every process of the terminal's group, and accelerate's one-process launcher SIGTERMs the whole
-    process tree: a data worker that died of either made torch's SIGCHLD handler raise "DataLoader worker ... is
-    killed by signal" inside the step, so the run crashed instead of saving its checkpoint. So a worker ignores
-    SIGINT, and goes on serving batches for WORKER_TERM_DELAY_S after a SIGTERM, leaving at once when its training
-    process is gone. (Ignoring SIGTERM outright hung the exit of a run that failed with its loader alive:
-    multiprocessing's exit handler terminates daemonic workers, then joins them without a timeout.)
+    Ctrl-C reaches every process of the terminal's group, Slurm and torch elastic signal whole sessions, and
+    accelerate's one-process launcher SIGTERMs the whole process tree: a data worker that died of any of them made
+    torch's SIGCHLD handler raise "DataLoader worker ... is killed by signal" inside the step or the save, so the run
+    crashed instead of saving its checkpoint. So a worker ignores both signals; the trainer closes its workers as
+    soon as the loop ends (trainer.close_data_workers: before the checkpoint, the final save, and on any error), and
+    a worker whose training process died exits by itself (torch's watchdog).
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _leave_soon)
-
-
-def _leave_soon(signum: int, frame: FrameType | None) -> None:
-    parent = os.getppid()
-
-    def leave() -> None:
-        deadline = time.monotonic() + WORKER_TERM_DELAY_S
-        while time.monotonic() < deadline and os.getppid() == parent:
-            time.sleep(0.05)
-        os._exit(128 + signum)
-
-    threading.Thread(target=leave, daemon=True).start()
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 @dataclass(frozen=True)
@@ -157,7 +147,8 @@ class StopRequest:
         self.first_at = self.left_at = 0.0
         self.stopped_by_signal = False
         self.group = stop_group(accelerator)
-        self.repeat_window = REPEAT_WINDOW_S if launcher() else 0.0
+        self.launcher = launcher()  # once: it asks the OS for the parent's command line
+        self.repeat_window = REPEAT_WINDOW_S if self.launcher else 0.0
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         if not self.signum:

@@ -43,8 +43,10 @@ SAMPLE_RE = re.compile(r"^step_(\d+)\.png$")  # samples/step_NNNNNN.png, one gri
 # files whose presence means "this folder already holds a run"
 RUN_MARKERS = (METRICS, SUMMARY, CHECKPOINTS, "model_index.json")
 # everything a run writes at the top of its folder (what --overwrite_output_dir moves aside)
-RUN_FILES = (CONFIG, METRICS, SUMMARY, SAMPLES, CHECKPOINTS, WANDB_ID, STATUS, "logs", "wandb", "model_index.json", "unet",
-             "scheduler", "README.md", REWOUND)
+# the final DDPMPipeline and its model card (hub.CARD), written at the end of a run
+PIPELINE_FILES = ("model_index.json", "unet", "scheduler", "README.md")
+RUN_FILES = (CONFIG, METRICS, SUMMARY, SAMPLES, CHECKPOINTS, WANDB_ID, STATUS, "logs", "wandb", *PIPELINE_FILES,
+             REWOUND)
 
 # ---- comparison folder ------------------------------------------------------------------------------
 PLAN = "plan.json"
@@ -190,7 +192,8 @@ def rewind(folder: Path, step: int, newer: list[Path]) -> Path | None:
     """Before the first step of a resume at `step`, set aside what lies beyond it; None when nothing does.
 
     `newer` are the folder's checkpoints of later steps (the abandoned timeline, which `latest` must never pick);
-    with them go run_summary.json (the folder is no longer complete), the sample grids of later steps and a copy
+    with them go run_summary.json (the folder is no longer complete), the final pipeline and its card, the sample
+    grids of later steps and a copy
     of the whole metrics.jsonl (the resume then cuts it back to `step`). All of it moves to folder/.rewound and
     is deleted when the run saves a checkpoint or finishes (drop_replaced). The note is written first and marked
     done last, so a crash in between leaves `latest` blind to checkpoints beyond `step` (unfinished_rewind) and
@@ -204,10 +207,12 @@ def rewind(folder: Path, step: int, newer: list[Path]) -> Path | None:
     aside.mkdir(exist_ok=True)
     write_json(aside / REWIND_NOTE, {"step": step, "done": False})
     moved = [name for name in (SUMMARY,) if _set_aside(folder / name, aside / name)]  # first: not complete now
+    # the abandoned timeline's final pipeline: DDPMPipeline.from_pretrained(folder) must not load it meanwhile
+    moved += [name for name in PIPELINE_FILES if _set_aside(folder / name, aside / name)]
     moved += [p.name for p in newer if _set_aside(p, aside / CHECKPOINTS / p.name)]
     moved += [f"{SAMPLES}/{p.name}" for p in later if _set_aside(p, aside / SAMPLES / p.name)]
     if (folder / METRICS).is_file() and not (aside / METRICS).exists():  # an earlier rewind's copy is the older
-        write_text(aside / METRICS, (folder / METRICS).read_text(errors="replace"))
+        shutil.copyfile(folder / METRICS, aside / METRICS)  # byte for byte
     write_json(aside / REWIND_NOTE, {"step": step, "done": True})
     logger.warning("resuming at step %d: %s moved to %s, deleted when this run saves a checkpoint or finishes; "
                    "%s is cut back to step %d (the whole file is kept there)", step,

@@ -42,7 +42,6 @@ from diffusers_optim.distributed import (
     Stop,
     StopRequest,
     decided_on_main,
-    launcher,
     shelter_data_worker,
     slow_save_warning,
 )
@@ -92,12 +91,17 @@ class TrainingStopped(RuntimeError):
 
 
 def close_data_workers(batches) -> None:
-    """Tell the data workers to leave now. An exception keeps the loader's iterator alive in its traceback, and at
-    exit multiprocessing would then terminate the workers, which wait out a SIGTERM (distributed.shelter_data_worker).
-    torch offers no public close; `_shutdown_workers` is what its own `__del__` calls."""
+    """Stop the data workers now (idempotent). They ignore SIGTERM (distributed.shelter_data_worker), so one left
+    alive would hang the exit (multiprocessing terminates daemonic children at exit, then joins them), and an
+    exception keeps the iterator alive in its traceback. torch offers no public close: `_shutdown_workers` is what
+    its own `__del__` calls, and a worker it could not stop is killed."""
     shutdown = getattr(batches, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()
+    for worker in getattr(batches, "_workers", []):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=5)
 
 
 class Trainer:
@@ -238,8 +242,10 @@ class Trainer:
                     if stop is None and self.step == self.cfg.stop_after_steps and self.step < self.max_steps:
                         stop = Stop()
                     if stop is not None:
+                        close_data_workers(batches)  # before the checkpoint: a slow save must not outlast them
                         return self.stop_early(stop, bar)
                 bar.close()
+                close_data_workers(batches)
                 return self.finish()
             finally:
                 close_data_workers(batches)
@@ -596,7 +602,8 @@ class Trainer:
         with self.status.phase("checkpoint writing", str(where), self.step):
             ckpt.save_checkpoint(self.accelerator, self.out, self.step, state, self.cfg.checkpoints_total_limit,
                                  model_config=dict(self.accelerator.unwrap_model(self.model).config))
-        warning = None if self.warned_slow_save else slow_save_warning(time.perf_counter() - started, launcher())
+        warning = None if self.warned_slow_save else slow_save_warning(time.perf_counter() - started,
+                                                                           self.stop_request.launcher)
         if warning:
             logger.warning(warning, main_process_only=True)
             self.warned_slow_save = True

@@ -162,9 +162,10 @@ def test_rewind_killed_then_latest_resumes_the_rewound_timeline(copy_finished_ru
     proc = run([*flags, "--output_dir", str(broken), *rewind], offline_env, crash_at="step:2")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     aside = broken / ".rewound"
-    moved = "run_summary.json, checkpoint-000004, samples/step_000004.png"
+    moved = "run_summary.json, model_index.json, unet, scheduler, checkpoint-000004, samples/step_000004.png"
     assert f"resuming at step 2: {moved} moved to {aside}, deleted when" in proc.stderr, proc.stderr
     assert not (broken / "run_summary.json").exists()  # no longer complete: compare and `latest` see it unfinished
+    assert not (broken / "model_index.json").exists() and (aside / "unet").is_dir()  # no abandoned pipeline on top
     assert checkpoint_names(broken) == ["checkpoint-000002"] and metric_steps(broken) == [1, 2]
     assert (aside / "run_summary.json").is_file() and metric_steps(aside) == [1, 2, 3, 4]
 

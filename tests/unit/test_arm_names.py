@@ -40,3 +40,11 @@ def test_arms_are_never_merged_under_one_name():
         "adam eps=1.0000001e-08", "adam eps=1.0000002e-08"]
     assert arm_names([adam("lr=1e-3"), adam("lr=0.001")]) == ["adam #1", "adam #2"]
     assert arm_slugs(["adam x=(1,2)", "adam x=1-2"]) == ["adam-x=1-2-1", "adam-x=1-2-2"]
+
+
+def test_folder_slugs_never_collide():
+    from diffusers_optim.arms import arm_slugs
+
+    for names in (["a", "a", "a-2"], ["a-1", "a", "a"], ["x y", "x_y", "x-y"]):
+        slugs = arm_slugs(names)
+        assert len(set(slugs)) == len(slugs), (names, slugs)

@@ -3,6 +3,8 @@ fused/foreach optimizer steps against torch's per-tensor loop, and the one-line 
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -104,7 +106,8 @@ def test_missing_compiler_is_a_one_line_error():
     with config.patch({"cpp.cxx": (None, "no-such-compiler-x")}):
         with pytest.raises(UserError, match="needs a C\\+\\+ compiler"):
             check_compiler(torch.device("cpu"))
-    check_compiler(torch.device("cpu"))  # g++ is found again once the patch is undone
+    if shutil.which(config.cpp.cxx[1] or "g++"):
+        check_compiler(torch.device("cpu"))  # the compiler is found again once the patch is undone
     check_compiler(torch.device("cuda"))  # GPU kernels are Triton's: no host compiler needed
 
 

@@ -96,3 +96,16 @@ def test_a_slow_checkpoint_under_accelerates_one_process_launcher_is_warned_abou
     assert slow_save_warning(60.0, "torch elastic") is None  # its shutdown timeout is TORCH_ELASTIC_SHUTDOWN_TIMEOUT
     assert slow_save_warning(60.0, None) is None
     assert launcher() is None  # pytest is no launcher
+
+
+def test_every_way_of_starting_accelerates_launcher_is_recognised():
+    from diffusers_optim.distributed import is_accelerate_launch
+
+    py = "/usr/bin/python3"
+    for argv in (["/venv/bin/python", "/venv/bin/accelerate", "launch", "train.py"],
+                 ["/venv/bin/python", "/venv/bin/accelerate-launch", "train.py"],
+                 [py, "-m", "accelerate.commands.launch", "train.py"],
+                 [py, "-m", "accelerate.commands.accelerate_cli", "launch", "--num_processes", "1", "t.py"]):
+        assert is_accelerate_launch(argv), argv
+    for argv in ([py, "-m", "pytest", "-k", "launch"], [py, "train.py", "launch"], ["/venv/bin/accelerate", "env"]):
+        assert not is_accelerate_launch(argv), argv
