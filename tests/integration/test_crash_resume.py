@@ -182,8 +182,9 @@ def test_rewind_killed_then_latest_resumes_the_rewound_timeline(copy_finished_ru
 
 @pytest.mark.slow
 def test_rewind_killed_while_setting_the_old_timeline_aside(copy_finished_run, tiny_flags, offline_env, tmp_path):
-    """SIGKILL between two moves of a rewind (run_summary.json aside, checkpoint 4 still in place): `latest` still
-    resumes the rewound timeline at step 2, and that resume finishes setting the old one aside."""
+    """SIGKILL between two moves of a rewind (run_summary.json aside; the final pipeline and checkpoint 4 still in
+    place): `latest` still resumes the rewound timeline at step 2, and that resume finishes setting the old one
+    aside."""
     out = copy_finished_run(tmp_path / "run")
     flags = [*tiny_flags, *REWOUND_FLAGS, "--output_dir", str(out)]
     proc = run([*flags, "--resume_from_checkpoint", str(out / "checkpoints" / "checkpoint-000002")], offline_env,
@@ -194,7 +195,8 @@ def test_rewind_killed_while_setting_the_old_timeline_aside(copy_finished_run, t
     proc = run([*flags, "--resume_from_checkpoint", "latest"], offline_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"\b2/4 \[00:00<\?", proc.stderr), proc.stderr
-    assert "resuming at step 2: checkpoint-000004, samples/step_000004.png moved to" in proc.stderr
+    moved = "model_index.json, unet, scheduler, checkpoint-000004, samples/step_000004.png"
+    assert f"resuming at step 2: {moved} moved to" in proc.stderr
     assert metric_steps(out) == [1, 2, 3, 4] and not (out / ".rewound").exists()
     assert json.loads((out / "run_summary.json").read_text())["steps"] == 4
 
