@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import shlex
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -106,14 +107,22 @@ def unique(commands: list[tuple[str, str]]) -> list[tuple[str, str]]:
 COMMANDS = unique([(path.relative_to(ROOT).as_posix(), cmd) for path in DOCS for cmd in shell_commands(path)])
 
 
+# accelerate's state (AcceleratorState, GradientState) is one per process: two Trainers built at once in two of
+# compare's pool threads raced on it ("'GradientState' object has no attribute 'plugin_kwargs'", once in a clean
+# clone's suite). The real pool runs each trainer in its own process; in-process, they take turns.
+IN_PROCESS = threading.Lock()
+
+
 def in_process(cmd: list[str], log_path: Path) -> int:
-    """compare's launcher, running each planned trainer command (`python -m diffusers_optim.cli ...`) in-process."""
+    """compare's launcher, running each planned trainer command (`python -m diffusers_optim.cli ...`) in-process,
+    one at a time."""
     from diffusers_optim.compare import DIE_WITH_PARENT
 
     if cmd[1:3] == ["-c", DIE_WITH_PARENT]:  # the supervisor that ends a trainer with its comparison
         cmd = cmd[4:]
     assert cmd[1:3] == ["-m", "diffusers_optim.cli"], cmd
-    return cli.main(cmd[3:])
+    with IN_PROCESS:
+        return cli.main(cmd[3:])
 
 
 def test_the_docs_have_training_and_comparison_commands():
