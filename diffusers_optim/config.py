@@ -329,6 +329,32 @@ def layout_refusal(saved: BatchLayout, now: BatchLayout) -> str:
     return f"{what}: pass {fix} to continue the same experiment"
 
 
+# What a change of process count may change with it; the rest of the experiment is compared as usual.
+LAYOUT_KEYS = ("train_batch_size", "gradient_accumulation_steps", "num_processes", "global_batch_size")
+
+
+def resumed_layouts(state: dict[str, Any], cfg: TrainConfig, num_processes: int) -> tuple[BatchLayout, BatchLayout] | None:
+    """(the checkpoint's batch layout, this launch's) when the process count changed; None when it did not, or for
+    a checkpoint older than the record of its process count."""
+    saved_processes, saved = state.get("num_processes"), state.get("config")
+    if saved is None or saved_processes in (None, num_processes):
+        return None
+    return (BatchLayout(saved["train_batch_size"], saved_processes, saved.get("gradient_accumulation_steps", 1)),
+            BatchLayout(cfg.train_batch_size, num_processes, cfg.gradient_accumulation_steps))
+
+
+def layout_changes(saved: BatchLayout, now: BatchLayout) -> dict[str, tuple]:
+    """{what: (checkpoint's, now)} of a new process count: none when it continues the same experiment."""
+    if saved.same_experiment(now):
+        return {}
+    changes = {"num_processes": (saved.processes, now.processes)}
+    if saved.per_process != now.per_process:
+        changes["train_batch_size"] = (saved.per_process, now.per_process)
+    if saved.global_batch != now.global_batch:
+        changes["global_batch_size"] = (saved.global_batch, now.global_batch)
+    return changes
+
+
 def resolved_init_seed(cfg: TrainConfig) -> int:
     """The seed of the initial weights: --init_seed, else 0 with --fixed_init, else --seed."""
     if cfg.init_seed is not None:

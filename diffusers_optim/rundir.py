@@ -193,8 +193,8 @@ def rewind(folder: Path, step: int, newer: list[Path]) -> Path | None:
 
     `newer` are the folder's checkpoints of later steps (the abandoned timeline, which `latest` must never pick);
     with them go run_summary.json (the folder is no longer complete), the final pipeline and its card, the sample
-    grids of later steps and a copy
-    of the whole metrics.jsonl (the resume then cuts it back to `step`). All of it moves to folder/.rewound and
+    grids of later steps and a copy of the whole metrics.jsonl (the resume then cuts it back to `step`). All of it
+    moves to folder/.rewound and
     is deleted when the run saves a checkpoint or finishes (drop_replaced). The note is written first and marked
     done last, so a crash in between leaves `latest` blind to checkpoints beyond `step` (unfinished_rewind) and
     the next resume completes the move.

@@ -28,13 +28,16 @@ from tqdm.auto import tqdm
 from diffusers_optim import checkpoint as ckpt
 from diffusers_optim import rundir
 from diffusers_optim.config import (
+    LAYOUT_KEYS,
     BatchLayout,
     TrainConfig,
     experiment_differences,
+    layout_changes,
     layout_refusal,
     parse_train_args,
     redact_argv,
     resolved_init_seed,
+    resumed_layouts,
 )
 from diffusers_optim.data import build_datasets, num_failed_loads, num_loader_workers
 from diffusers_optim.diffusion import min_snr_weights, per_sample_mse, training_target
@@ -232,23 +235,28 @@ class Trainer:
                 self.compile_s = self.warm_up_compile()
                 self.t_interval_start = time.perf_counter()  # images/s counts training steps only
             self.status.start_training(self.step)
+            bar = tqdm(total=self.max_steps, initial=self.step, desc=self.run_name, dynamic_ncols=True,
+                       disable=not self.accelerator.is_local_main_process)
             batches = iter(self.build_loader())
             try:
-                bar = tqdm(total=self.max_steps, initial=self.step, desc=self.run_name, dynamic_ncols=True,
-                           disable=not self.accelerator.is_local_main_process)
-                self.t_start = time.perf_counter()
-                while self.step < self.max_steps:
-                    stop = self.run_step(batches, bar)
-                    if stop is None and self.step == self.cfg.stop_after_steps and self.step < self.max_steps:
-                        stop = Stop()
-                    if stop is not None:
-                        close_data_workers(batches)  # before the checkpoint: a slow save must not outlast them
-                        return self.stop_early(stop, bar)
-                bar.close()
+                stop = self.run_loop(batches, bar)
+            finally:  # as soon as the loop ends, before a checkpoint or the final save, and on any error
                 close_data_workers(batches)
-                return self.finish()
-            finally:
-                close_data_workers(batches)
+            if stop is not None:
+                return self.stop_early(stop, bar)
+            bar.close()
+            return self.finish()
+
+    def run_loop(self, batches, bar) -> Stop | None:
+        """Steps until the run is done (None) or every process agreed to stop (the Stop)."""
+        self.t_start = time.perf_counter()
+        while self.step < self.max_steps:
+            stop = self.run_step(batches, bar)
+            if stop is None and self.step == self.cfg.stop_after_steps and self.step < self.max_steps:
+                stop = Stop()
+            if stop is not None:
+                return stop
+        return None
 
     def run_step(self, batches, bar) -> Stop | None:
         """One whole step of the loop: train, count it, its logging/validation/samples/checkpoint work, then the
@@ -959,20 +967,6 @@ def clear_previous_run(out: Path) -> None:
         shutil.rmtree(out / name, ignore_errors=True)
 
 
-# What a change of process count may change with it; the rest of the experiment is compared as usual.
-LAYOUT_KEYS = ("train_batch_size", "gradient_accumulation_steps", "num_processes", "global_batch_size")
-
-
-def resumed_layouts(state: dict[str, Any], cfg: TrainConfig, num_processes: int) -> tuple[BatchLayout, BatchLayout] | None:
-    """(the checkpoint's batch layout, this launch's) when the process count changed; None when it did not, or for
-    a checkpoint older than the record of its process count."""
-    saved_processes, saved = state.get("num_processes"), state.get("config")
-    if saved is None or saved_processes in (None, num_processes):
-        return None
-    return (BatchLayout(saved["train_batch_size"], saved_processes, saved.get("gradient_accumulation_steps", 1)),
-            BatchLayout(cfg.train_batch_size, num_processes, cfg.gradient_accumulation_steps))
-
-
 def experiment_changes(state: dict[str, Any], cfg: TrainConfig, spec, hparams: dict[str, Any],
                        layouts: tuple[BatchLayout, BatchLayout] | None = None) -> dict[str, tuple]:
     """{what: (checkpoint's, now)} for every experiment-defining setting that differs from the checkpoint's.
@@ -996,18 +990,6 @@ def experiment_changes(state: dict[str, Any], cfg: TrainConfig, spec, hparams: d
     for key in sorted(set(old_h) | set(new_h)):
         if old_h.get(key) != new_h.get(key):
             changes[key] = (old_h.get(key), new_h.get(key))
-    return changes
-
-
-def layout_changes(saved: BatchLayout, now: BatchLayout) -> dict[str, tuple]:
-    """{what: (checkpoint's, now)} of a new process count: none when it continues the same experiment."""
-    if saved.same_experiment(now):
-        return {}
-    changes = {"num_processes": (saved.processes, now.processes)}
-    if saved.per_process != now.per_process:
-        changes["train_batch_size"] = (saved.per_process, now.per_process)
-    if saved.global_batch != now.global_batch:
-        changes["global_batch_size"] = (saved.global_batch, now.global_batch)
     return changes
 
 

@@ -3,8 +3,7 @@ says (the real runs: tests/integration/test_distributed.py)."""
 
 from __future__ import annotations
 
-from diffusers_optim.config import BatchLayout, layout_refusal
-from diffusers_optim.trainer import layout_changes
+from diffusers_optim.config import BatchLayout, layout_changes, layout_refusal
 
 
 def test_the_same_micro_batch_and_accumulation_continue_at_any_process_count():
